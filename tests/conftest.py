@@ -43,3 +43,25 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def fake_openai():
+    """A fake OpenAI-compatible server on a free 127.0.0.1 port, stopped after the test.
+
+    Yields a `tests.fake_openai_server.FakeOpenAIServer`; its API:
+    - `.base_url`: "http://127.0.0.1:PORT/v1", for `--base-url` / `BackendOptions(base_url=...)`.
+    - `.answer = fn`: fn(request JSON dict) -> text, or a list of texts (one per choice, cycled to n).
+    - `.finish_reason = "length"`: what every choice reports (default "stop").
+    - `.latency = 0.1`: seconds before each answer.
+    - `.faults = ["429", "500", "malformed", "drop", "hang", "401", ...]`: consumed one per
+      completion request from the front (None in the list = answer normally); or
+      `.fail_every = k` with `.fail_with = "500"` for every k-th request.
+      429 carries `Retry-After: .retry_after` (default "1"); "hang" waits `.hang_seconds`.
+    - `.requests`: completion requests received (faulty ones included); `.bodies`: their JSON.
+    """
+    from tests.fake_openai_server import FakeOpenAIServer
+
+    server = FakeOpenAIServer().start()
+    yield server
+    server.stop()
