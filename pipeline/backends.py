@@ -470,15 +470,15 @@ class LocalClient:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        prompt_len = encoded["input_ids"].shape[1]
         if first.stop:
-            kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"] = _stop_in_completion(self.tokenizer, first.stop, prompt_len)
         seed = first.seed if first.seed is not None else self.options.seed
         if seed is not None:
             torch.manual_seed(seed + self._batches_done)
         self._batches_done += 1
         with torch.inference_mode():
             output = self.lm.generate(**encoded, **kwargs)
-        prompt_len = encoded["input_ids"].shape[1]
         prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
         responses = []
         for i, (request, _, _) in enumerate(batch):
@@ -505,3 +505,21 @@ class LocalClient:
         if end is None and count >= request.max_tokens:
             return text, "length", count
         return text, "stop", count
+
+
+def _stop_in_completion(tokenizer, stops: tuple[str, ...], prompt_len: int):
+    """Stops a row once its completion (not its prompt) contains a stop string.
+
+    transformers' own `stop_strings` also matches text that spans the end of the prompt (a
+    chat prompt ends in a newline, so "\n\n" would stop after one generated newline), which is
+    not what the OpenAI API means by `stop`.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopInCompletion(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopInCompletion()])
