@@ -1,0 +1,275 @@
+"""The filter stage: heuristics, the greedy ROUGE-L rule against a rouge_score reference, files and errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer, tokenizers
+
+from pipeline.cli import main
+from pipeline.errors import InputError, UserError
+from pipeline.filter import Config, HeuristicOptions, filter_instructions, heuristic_reason, normalize_instruction
+from pipeline.seeds import load_seeds
+from tests.conftest import write_jsonl
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
+REPO = Path(__file__).resolve().parents[1]
+ON = HeuristicOptions()
+
+
+def seed_records(instructions: list[str]) -> list[dict]:
+    return [{"id": f"seed_task_{i}", "name": f"t{i}", "instruction": text,
+             "instances": [{"input": "", "output": "ok"}], "is_classification": False}
+            for i, text in enumerate(instructions)]
+
+
+def seeds_file(tmp_path: Path, instructions: list[str]) -> Path:
+    return write_jsonl(tmp_path / "seeds.jsonl", seed_records(instructions))
+
+
+# --- heuristics --------------------------------------------------------------------------
+
+SEEDS = {normalize_instruction("Give three tips for staying healthy.")}
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Summarize this text.", "too_short"),
+    ("word " * 151, "too_long"),
+    ("Describe the image below in detail.", "blacklist"),
+    ("Draw a picture of a cat for me.", "blacklist"),
+    ("Give directions to go to the nearest station.", "blacklist"),
+    ("Write a program that sorts a list of numbers.", "program_prefix"),
+    ("- List five fruits that are red.", "punctuation_start"),
+    ('"Hello" means what in French, exactly?', "punctuation_start"),
+    ("give  three tips for staying HEALTHY.", "seed_copy"),
+    ("猫", "too_short"),
+    ("この画像に写っているものを説明してください。", "blacklist"),
+    ("東京の地図を見て、駅までの道を説明してください。", "blacklist"),
+    ("プログラムを書いて、数字のリストを並べ替えてください。", "program_prefix"),
+    ("。次の文を英語に翻訳してください。", "punctuation_start"),
+    ("Explain why the sky is blue during the day.", None),
+    ("Explain the mapping between keys and values in a dictionary.", None),  # "map" only as a whole word
+    ("次の文章を英語に翻訳してください。", None),  # no check rejects Japanese text
+    ("「猫」という単語を英語に翻訳してください。", None),  # an opening quote is a fine start
+    ("この文章の意図を説明してください。", None),  # 意図 (intent) contains 図 but is not a figure
+    ("Traduisez cette phrase en anglais, s'il vous plaît.", None),
+])
+def test_heuristic_reasons(text, reason):
+    assert heuristic_reason(text, SEEDS, ON) == reason
+
+
+def test_heuristic_limits_are_options_and_can_be_switched_off():
+    assert heuristic_reason("Summarize this text.", SEEDS, HeuristicOptions(min_words=2)) is None
+    assert heuristic_reason("Describe the image below.", SEEDS, HeuristicOptions(enabled=False)) is None
+    assert heuristic_reason("次の文を訳して", SEEDS, HeuristicOptions(min_chars_ja=8)) == "too_short"
+
+
+# --- the core ----------------------------------------------------------------------------
+
+def test_filter_instructions_keeps_fields_and_explains_every_rejection(tmp_path):
+    seeds = load_seeds(seeds_file(tmp_path, ["Give three tips for staying healthy.", "次の文章を英語に翻訳してください。"]))
+    candidates = [
+        {"instruction": "Give three tips for staying healthy and happy.", "backend": "fake"},  # near seed 0
+        {"id": 7, "instruction": "Explain how photosynthesis works in plants.", "request_id": "r1"},
+        {"instruction": "Explain how photosynthesis works in green plants."},  # near the previous one
+        {"instruction": "次の文章を英語に翻訳してくだせい。"},  # near seed 1, one character apart
+        {"instruction": "Describe the image below in detail."},
+        {"instruction": "Give three tips for staying healthy."},
+        {"instruction": "List the planets of the solar system in order."},
+    ]
+    kept, rejected, report = filter_instructions(candidates, seeds, Config())
+    assert [r["id"] for r in kept] == ["7", "machine_7"]
+    assert kept[0]["request_id"] == "r1" and set(kept[0]) >= {"instruction", "max_rouge_l", "most_similar"}
+    by_id = {r["id"]: r for r in rejected}
+    assert by_id["machine_1"]["reason"] == "near_duplicate" and by_id["machine_1"]["backend"] == "fake"
+    assert by_id["machine_1"]["most_similar"]["id"] == "seed_task_0"
+    assert by_id["machine_1"]["max_rouge_l"] > 0.7
+    assert by_id["machine_3"]["most_similar"] == {"id": "7", "instruction": candidates[1]["instruction"]}
+    assert by_id["machine_4"]["most_similar"]["id"] == "seed_task_1"
+    assert by_id["machine_5"]["reason"] == "blacklist" and by_id["machine_5"]["max_rouge_l"] is None
+    assert by_id["machine_6"]["reason"] == "seed_copy" and by_id["machine_6"]["max_rouge_l"] == 1.0
+    assert report["rejected_by_reason"]["near_duplicate"] == 3
+    assert report["input"] == 7 and report["kept"] == 2 and report["rejected"] == 5
+    assert sum(report["max_rouge_l_histogram"]["counts"]) == 2
+    assert report["max_rouge_l_exact"] == "all"
+    assert report["pairs"]["possible"] == report["pairs"]["compared"] + report["pairs"]["pruned"]
+
+    # The anchors' tokenizer sees no tokens in Japanese text, so it never catches the duplicate.
+    kept_rouge, _, _ = filter_instructions(candidates, seeds, Config(tokenizer="rouge"))
+    assert "machine_4" in [r["id"] for r in kept_rouge]
+
+
+def test_kept_scores_are_exact_when_affordable_and_lower_bounds_otherwise(tmp_path):
+    seeds = load_seeds(seeds_file(tmp_path, ["Name three animals that live in the ocean."]))
+    candidates = [{"instruction": "Name some large animals that live in a desert."},
+                  {"instruction": "List three plants that live in a desert climate."}]
+    exact, _, report = filter_instructions(candidates, seeds, Config())
+    assert report["max_rouge_l_exact"] == "all"
+    assert [r["most_similar"]["id"] for r in exact] == ["seed_task_0", "machine_1"]
+    assert exact[0]["max_rouge_l"] == pytest.approx(2 * 5 / (8 + 9))  # LCS "name animals that live in"
+    assert exact[1]["max_rouge_l"] == pytest.approx(2 * 5 / (9 + 9))  # LCS "that live in a desert"
+    bounded, _, report = filter_instructions(candidates, seeds, Config(exact_scores_limit=0))
+    assert report["max_rouge_l_exact"] != "all"
+    assert [r["id"] for r in bounded] == [r["id"] for r in exact]
+    for low, high in zip(bounded, exact):
+        assert low["max_rouge_l"] <= high["max_rouge_l"]
+
+
+# --- identity with the rouge_score reference ------------------------------------------------
+
+def perturb(words: list[str], vocabulary: list[str], rng: random.Random) -> list[str]:
+    """1-4 word edits: enough to land many pairs on either side of 0.7."""
+    words = list(words)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.random()
+        if op < 0.35 and len(words) > 1:
+            del words[rng.randrange(len(words))]
+        elif op < 0.7:
+            words.insert(rng.randint(0, len(words)), rng.choice(vocabulary))
+        else:
+            words[rng.randrange(len(words))] = rng.choice(vocabulary)
+    return words
+
+
+def identity_records(source: str) -> tuple[list[str], list[str]]:
+    """(seed instructions, candidate instructions): real or synthetic ASCII text, half perturbed copies."""
+    rng = random.Random(3)
+    if source == "alpaca":
+        texts = [r["instruction"] for r in json.loads(ALPACA.read_text(encoding="utf-8"))]
+        texts = [t for t in texts if t.isascii() and 4 <= len(t.split()) <= 40][:900]
+    else:
+        nouns = ["cat", "river", "poem", "city", "number", "story", "recipe", "planet", "email", "song"]
+        verbs = ["write", "describe", "list", "explain", "compare", "summarize", "translate", "classify"]
+        texts = [" ".join([rng.choice(verbs), "a"] + rng.choices(nouns + ["the", "of", "about", "short"], k=rng.randint(3, 12)))
+                 for _ in range(900)]
+    vocabulary = sorted({w for t in texts for w in t.split()})
+    seeds, base = texts[:100], texts[100:]
+    candidates = []
+    for text in base:
+        candidates.append(text)
+        if rng.random() < 0.8:  # a near copy of a recent text or a seed: the pool already holds its source
+            source_text = rng.choice(candidates[-20:] + seeds[:5])
+            candidates.append(" ".join(perturb(source_text.split(), vocabulary, rng)))
+    return seeds, candidates
+
+
+def reference_kept(seeds: list[str], candidates: list[str], threshold: float = 0.7) -> list[bool]:
+    """The anchors' rule, sequential and greedy, every score from rouge_score's RougeScorer.
+
+    To fit a test's time budget it skips a pair only when a bound that needs no LCS already
+    shows rouge_score's F1 cannot exceed the threshold: ROUGE-L F1 is 2*LCS/(m+n), and the LCS
+    is at most the number of tokens the two share as multisets (an independent Counter check,
+    not the index's code). Every other pair is scored by `RougeScorer.score`.
+    """
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
+    pool = [(text, Counter(tokenizer.tokenize(text))) for text in seeds]
+    kept = []
+    for text in candidates:
+        bag = Counter(tokenizer.tokenize(text))
+        m = sum(bag.values())
+        keep = True
+        for other, other_bag in pool:
+            n = sum(other_bag.values())
+            shared = sum((bag & other_bag).values())
+            if m + n == 0 or 2 * shared / (m + n) < threshold - 1e-9:
+                continue
+            if scorer.score(other, text)["rougeL"].fmeasure > threshold:
+                keep = False
+                break
+        kept.append(keep)
+        if keep:
+            pool.append((text, bag))
+    return kept
+
+
+@pytest.fixture(scope="module", params=["alpaca", "synthetic"])
+def identity_case(request, tmp_path_factory):
+    if request.param == "alpaca" and not ALPACA.exists():
+        pytest.skip(f"{ALPACA} is not here (real Alpaca text, never shipped); the synthetic case still runs")
+    seeds, candidates = identity_records(request.param)
+    return seeds, candidates, reference_kept(seeds, candidates)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["rouge", "multilingual"])
+def test_kept_set_equals_the_sequential_rouge_score_reference(identity_case, tokenizer, tmp_path):
+    seeds, candidates, expected = identity_case
+    seed_tasks = load_seeds(seeds_file(tmp_path, seeds))
+    records = [{"id": f"c{i}", "instruction": text} for i, text in enumerate(candidates)]
+    kept, rejected, report = filter_instructions(records, seed_tasks, Config(tokenizer=tokenizer, heuristics=False))
+    kept_ids = {r["id"] for r in kept}
+    assert [f"c{i}" in kept_ids for i in range(len(candidates))] == expected
+    # The data really tests the threshold: many rejections, and many scores close to 0.7 on both sides.
+    near = [r["max_rouge_l"] for r in kept + rejected if r["max_rouge_l"] is not None and 0.6 <= r["max_rouge_l"] <= 0.8]
+    assert len(rejected) > 200 and len(near) > 200
+    assert len(candidates) > 1400
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+def test_stage_writes_kept_rejected_report_and_config(tmp_path, capsys):
+    seeds = seeds_file(tmp_path, ["Give three tips for staying healthy."])
+    machine = write_jsonl(tmp_path / "machine.jsonl", [
+        {"id": "a", "instruction": "Give three tips for staying healthy and fit."},
+        {"id": "b", "instruction": "Explain how photosynthesis works in plants.", "model": "m"},
+        {"instruction": "Describe the picture in the attached file."},
+    ])
+    out = tmp_path / "filtered.jsonl"
+    code = main(["filter", "--in", str(machine), "--seeds", str(seeds), "--out", str(out),
+                 "--report", str(tmp_path / "report.json"), "--threshold", "0.7", "--tokenizer", "rouge"])
+    assert code == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    rejected = [json.loads(line) for line in (tmp_path / "filtered.rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["model"]) for r in kept] == [("b", "m")]
+    assert {r["id"]: r["reason"] for r in rejected} == {"a": "near_duplicate", "machine_3": "blacklist"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tokenizer"] == "rouge" and report["threshold"] == 0.7 and report["seconds"]["wall"] > 0
+    assert json.loads((tmp_path / "filtered.config.json").read_text())["config"]["tokenizer"] == "rouge"
+    printed = capsys.readouterr().out
+    assert "near_duplicate" in printed and "blacklist" in printed and "kept" in printed
+
+    assert main(["filter", "--in", str(machine), "--seeds", str(seeds), "--out", str(out), "--no-heuristics"]) == 0
+    assert (tmp_path / "filtered.report.json").exists()  # the default report path sits beside --out
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_bad_input_and_flags_fail_before_writing(tmp_path, capsys):
+    seeds = seeds_file(tmp_path, ["Give three tips for staying healthy."])
+    out = tmp_path / "filtered.jsonl"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok one here"}, {"text": "no instruction"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: instruction: missing"):
+        from pipeline.filter import run
+        run(Config(in_path=str(bad), seeds=str(seeds), out=str(out)))
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "instruction": "a b c d"}, {"id": "x", "instruction": "e f g h"}])
+    assert main(["filter", "--in", str(dup), "--seeds", str(seeds), "--out", str(out)]) == 2
+    assert "dup.jsonl:2: id: duplicate id 'x'" in capsys.readouterr().err
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"id": "seed_task_0", "instruction": "a b c d"}])
+    assert main(["filter", "--in", str(clash), "--seeds", str(seeds), "--out", str(out)]) == 2
+    assert "also a seed id" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--threshold"):
+        Config(threshold=1.5)
+    with pytest.raises(UserError, match="--min-words"):
+        Config(min_words=10, max_words=5)
+    assert main(["filter", "--in", str(tmp_path / "missing.jsonl"), "--seeds", str(seeds), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_the_filter_command_never_imports_torch_or_transformers(tmp_path):
+    seeds = seeds_file(tmp_path, ["Give three tips for staying healthy."])
+    machine = write_jsonl(tmp_path / "machine.jsonl", [{"instruction": "Explain how photosynthesis works in plants."}])
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"assert main(['filter', '--in', {str(machine)!r}, '--seeds', {str(seeds)!r}, '--out', {str(tmp_path / 'f.jsonl')!r}]) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
