@@ -1,19 +1,430 @@
 """Write inputs and outputs for every kept instruction, as Alpaca JSONL (Self-Instruct, step 3).
 
-Not built yet (issue 6): the stage says so and exits 2.
+    python -m pipeline respond --in data/filtered_instructions.jsonl --seeds seeds/seed_tasks.jsonl \\
+        --out data/alpaca_data.jsonl [--format alpaca|messages] [--instances-per-instruction K]
+
+(or `make respond`). For each instruction:
+
+1. Classification or not: the instruction record's own `is_classification` when it has one,
+   else the model is asked, with few-shot examples from the seeds' flags in the instruction's
+   language. An answer that is neither yes nor no counts as "not classification" (the
+   input-first path suits any task); `classification_source` says which it was.
+2. K instances (`--instances-per-instruction`), one request each with its own seed and its own
+   few-shot draw, so the K differ: input-first (`Input: ... Output: ...`) for most tasks,
+   output-first (`Label: ... Input: ...`) for classification. Prompts and parsing live in
+   `pipeline/respond_prompts.py`.
+3. Checks; a failing instance goes to `<out stem>.rejected.jsonl` with its `reason`:
+   `cut_off`, `empty_output`, `output_equals_instruction`, `output_equals_input`, `too_long`,
+   `duplicate_instance`, `conflicting_output`.
+
+Resuming: every instance has the id `<instruction id>-<k>` and ends up in exactly one of the
+two files, one flushed line each. A rerun skips every id found in either file and rebuilds the
+duplicate checks from the kept records, so after `kill -9` it asks only for what is missing,
+including the missing instances of an instruction that was half done (its classification
+decision is read back from its records, not asked again). A request that fails after all
+retries is written nowhere and is asked again by the next run.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-from pipeline.config import option
-from pipeline.errors import StageNotBuilt
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pipeline import respond_prompts as prompts
+from pipeline.backends import Request, Response, backend_options_from, make_client
+from pipeline.config import option, write_resolved_config
+from pipeline.errors import InputError, UserError
+from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, load_records
+from pipeline.lang import language_of, text_length
+from pipeline.seeds import SeedTask, load_seeds
+from pipeline.templates import to_messages
+
+# An instruction record may carry the flag from a seed-style source; anything else is provenance.
+INPUT_FIELDS = {**INSTRUCTION_FIELDS, "is_classification": (bool, False, False)}
+# Fields of an input record that respond writes itself; the rest travels on as provenance.
+OWN_FIELDS = ("id", "instruction", "input", "output", "is_classification", "instances")
+
+REJECT_REASONS = ("cut_off", "empty_output", "output_equals_instruction", "output_equals_input", "too_long",
+                  "duplicate_instance", "conflicting_output")
+# The decision is one word; a few tokens leave room for "Yes." or "はい、".
+DECISION_MAX_TOKENS = 8
+# Greedy decoding for the yes/no question: it is a judgement, not a creative answer.
+DECISION_TEMPERATURE = 0.0
 
 
 @dataclass(frozen=True)
 class Config:
     in_path: str = option("data/filtered_instructions.jsonl", "kept instructions from `filter`", flag="--in")
+    seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks: the few-shot examples and classification flags")
     out: str = option("data/alpaca_data.jsonl", "training records, appended as they are written")
+    format: Literal["alpaca", "messages"] = option(
+        "alpaca", "alpaca: instruction/input/output; messages: a user/assistant conversation (TRL, axolotl)")
+    instances_per_instruction: int = option(1, "how many different instances to ask for per instruction")
+    max_output_words: int = option(400, "reject outputs longer than this (words; characters for Japanese)")
+    temperature: float = option(0.7, "sampling temperature for instances (K > 1 needs some, to differ)")
+    top_p: float = option(0.9, "nucleus sampling for instances")
+    max_tokens: int = option(256, "most tokens per instance answer; an answer cut there is rejected as cut_off")
+    cache: bool = option(True, "reuse cached answers for identical requests (--no-cache asks again)")
+    cache_dir: str = option("data/cache", "where the request cache lives")
+    backend: Literal["local", "openai"] = option("local", "local: transformers in-process; openai: any OpenAI-compatible server")
+    model: str = option("SmolLM2-135M-Instruct", "model name (openai) or local folder / embedded model")
+    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
+    api: Literal["chat", "completions"] = option("chat", "chat: few-shot as conversation turns; completions: one plain prompt")
+    concurrency: int = option(16, "requests in flight (openai)")
+    timeout: float = option(60.0, "seconds per request before it is retried (openai)")
+    max_retries: int = option(5, "retries of a failing request before it is given up")
+    seed: int | None = option(42, "sampling seed; instance k of an instruction uses seed + k")
+    batch_size: int = option(16, "prompts per generate call (local)")
+    device: str = option("auto", "auto, cpu, cuda, mps (local)")
+
+    def __post_init__(self):
+        if self.instances_per_instruction < 1:
+            raise UserError(f"--instances-per-instruction: must be at least 1, got {self.instances_per_instruction}")
+        if self.max_output_words < 1:
+            raise UserError(f"--max-output-words: must be at least 1, got {self.max_output_words}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature: must be 0 or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p: must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise UserError(f"--max-tokens: must be at least 1, got {self.max_tokens}")
+        if self.format not in ("alpaca", "messages"):
+            raise UserError(f"--format: {self.format!r} is not one of alpaca, messages")
+        backend_options_from(self)  # validates the backend flags with their own messages
 
 
-def run(cfg: Config):
-    raise StageNotBuilt("`respond` is not built yet (issue 6); nothing was written")
+@dataclass
+class Stats:
+    instructions: int = 0
+    instructions_done: int = 0  # all K instances settled (kept or rejected), this run or before
+    resumed: int = 0  # instances found in the output files at start
+    written: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failed: int = 0  # requests that failed after all retries; the next run asks again
+    classification: dict[str, int] = field(default_factory=dict)  # source -> count
+    output_first: int = 0
+    input_first: int = 0
+    requests: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Task:
+    id: str
+    instruction: str
+    language: str
+    provenance: dict
+    is_classification: bool | None = None
+    source: str = ""  # record (the input said), model (asked), default (the model's answer was unclear)
+
+
+def rejected_path_for(out) -> Path:
+    """`data/alpaca_data.jsonl` -> `data/alpaca_data.rejected.jsonl`."""
+    out = Path(out)
+    return out.with_name(out.name.rsplit(".", 1)[0] + ".rejected.jsonl")
+
+
+def instance_id(task_id: str, k: int) -> str:
+    return f"{task_id}-{k}"
+
+
+def normalize(text: str) -> str:
+    """What the equality and duplicate checks compare: case and whitespace do not make a new instance."""
+    return " ".join(text.split()).casefold()
+
+
+# ---------------------------------------------------------------- loading and resuming
+
+
+def load_tasks(path) -> list[Task]:
+    tasks: list[Task] = []
+    first_line: dict[str, int] = {}
+
+    def validate(record: dict, line: int) -> None:
+        task_id = str(record.get("id", f"instruction_{line}"))
+        if task_id in first_line:
+            raise InputError(path, line, "id", f"duplicate id {task_id!r} (first on line {first_line[task_id]}); "
+                             "instance ids are built from it")
+        first_line[task_id] = line
+        instruction = record["instruction"].strip()
+        flag = record.get("is_classification")
+        tasks.append(Task(task_id, instruction, language_of(instruction),
+                          {k: v for k, v in record.items() if k not in OWN_FIELDS}, flag, "record" if flag is not None else ""))
+
+    load_records(path, INPUT_FIELDS, validate=validate)
+    return tasks
+
+
+@dataclass
+class Ledger:
+    """What is already settled: ids in either file, and the kept instances the duplicate checks see."""
+
+    done: set[str] = field(default_factory=set)
+    decisions: dict[str, tuple[bool, str]] = field(default_factory=dict)  # instruction id -> (flag, source)
+    seen: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (instruction, input, output) -> id
+    outputs: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (instruction, input) -> (output, id)
+
+    def keep(self, record_id: str, instruction: str, given: str, output: str) -> None:
+        key = (normalize(instruction), normalize(given))
+        self.seen[(*key, normalize(output))] = record_id
+        self.outputs.setdefault(key, (normalize(output), record_id))
+
+    def settle(self, record: dict) -> None:
+        self.done.add(record["id"])
+        if "instruction_id" in record and "is_classification" in record:
+            self.decisions.setdefault(record["instruction_id"], (record["is_classification"],
+                                                                 record.get("classification_source", "record")))
+
+
+def alpaca_fields(record: dict, tasks_by_id: dict[str, Task]) -> tuple[str, str, str]:
+    """(instruction, input, output) of a kept record in either format."""
+    if "messages" not in record:
+        return record["instruction"], record.get("input", ""), record["output"]
+    user = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+    output = next((m["content"] for m in record["messages"] if m["role"] == "assistant"), "")
+    task = tasks_by_id.get(record.get("instruction_id", ""))
+    instruction = task.instruction if task else user
+    given = user[len(instruction):].strip() if user.startswith(instruction) else ""
+    return instruction, given, output
+
+
+def check_resumable(records: list[dict], fmt: str, path: Path) -> None:
+    for line, record in enumerate(records, start=1):
+        if "id" not in record:
+            raise InputError(path, line, "id", "missing: this file was not written by `respond`; use another --out")
+        has_messages = "messages" in record
+        if has_messages != (fmt == "messages"):
+            found = "messages" if has_messages else "alpaca"
+            raise UserError(f"--out {path}: holds {found} records; --format {fmt} would mix two formats in one file "
+                            "(use another --out, or the same --format to resume)")
+
+
+def build_ledger(kept: list[dict], rejected: list[dict], tasks_by_id: dict[str, Task]) -> Ledger:
+    ledger = Ledger()
+    for record in kept:
+        ledger.settle(record)
+        ledger.keep(record["id"], *alpaca_fields(record, tasks_by_id))
+    for record in rejected:
+        ledger.settle(record)
+    return ledger
+
+
+# ---------------------------------------------------------------- checks and records
+
+
+def check_instance(instruction: str, given: str, output: str, finish_reason: str, cfg: Config,
+                   ledger: Ledger) -> tuple[str | None, str]:
+    """The reject reason (or None) and the id of the kept record it clashes with ("" if none)."""
+    if finish_reason == "length":
+        return "cut_off", ""
+    if not output.strip():
+        return "empty_output", ""
+    if normalize(output) == normalize(instruction):
+        return "output_equals_instruction", ""
+    if given and normalize(output) == normalize(given):
+        return "output_equals_input", ""
+    if text_length(output) > cfg.max_output_words:
+        return "too_long", ""
+    key = (normalize(instruction), normalize(given))
+    if (*key, normalize(output)) in ledger.seen:
+        return "duplicate_instance", ledger.seen[(*key, normalize(output))]
+    # Only for a real input: a task that takes none (write a poem) has many right outputs, and
+    # K of them are K good examples, not a contradiction.
+    if given and key in ledger.outputs:
+        return "conflicting_output", ledger.outputs[key][1]
+    return None, ""
+
+
+def provenance(task: Task, k: int, response: Response, finish_reason: str) -> dict:
+    return {
+        "id": instance_id(task.id, k),
+        "instruction_id": task.id,
+        "is_classification": bool(task.is_classification),
+        "classification_source": task.source,
+        "backend": response.backend,
+        "model": response.model,
+        "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens},
+        "request_id": response.request_id or "",
+        "cached": bool(response.cached),
+        "instruction_provenance": task.provenance,
+    }
+
+
+def kept_record(task: Task, given: str, output: str, meta: dict, fmt: str) -> dict:
+    alpaca = {"instruction": task.instruction, "input": given, "output": output}
+    if fmt == "messages":
+        return {"messages": to_messages(alpaca), **meta}
+    return {**alpaca, **meta}
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _request(key: str, prompt: prompts.Prompt, cfg: Config, **sampling) -> Request:
+    if cfg.api == "chat":
+        return Request(key=key, messages=prompt.messages, **sampling)
+    return Request(key=key, prompt=prompt.text, **sampling)
+
+
+def _rng(cfg: Config, *parts) -> random.Random:
+    # Seeded by the instruction (and instance), not by position: a rerun builds the very same
+    # prompts, so the request cache answers them, whatever else changed in the input file.
+    return random.Random(":".join(str(p) for p in (cfg.seed, *parts)))
+
+
+def decision_requests(tasks: list[Task], seeds: list[SeedTask], cfg: Config) -> Iterator[Request]:
+    for task in tasks:
+        examples = prompts.pick_decision_examples(seeds, task.language, _rng(cfg, task.id, "decision"))
+        prompt = prompts.decision_prompt(task.instruction, examples, task.language)
+        yield _request(task.id, prompt, cfg, temperature=DECISION_TEMPERATURE, max_tokens=DECISION_MAX_TOKENS,
+                       seed=cfg.seed)
+
+
+def instance_prompt(task: Task, k: int, seeds: list[SeedTask], cfg: Config) -> prompts.Prompt:
+    kind = "output_first" if task.is_classification else "input_first"
+    examples = prompts.pick_instance_examples(seeds, task.language, bool(task.is_classification), _rng(cfg, task.id, k))
+    return prompts.instance_prompt(kind, task.instruction, examples, task.language)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: Config, *, client=None) -> Stats:
+    started = time.monotonic()
+    seeds = load_seeds(cfg.seeds)
+    tasks = load_tasks(cfg.in_path)
+    out = check_output_path(cfg.out, "--out")
+    rejected_path = check_output_path(rejected_path_for(out), "--out")
+    if out.resolve() == Path(cfg.in_path).resolve():
+        raise UserError(f"--out {out}: is the input file; write the records somewhere else")
+    tasks_by_id = {task.id: task for task in tasks}
+    stats = Stats(instructions=len(tasks))
+    own_client = client is None
+    with AppendLog(out) as kept, AppendLog(rejected_path) as rejected:
+        check_resumable(kept.records, cfg.format, out)
+        check_resumable(rejected.records, "alpaca", rejected_path)  # rejects are always alpaca-shaped
+        ledger = build_ledger(kept.records, rejected.records, tasks_by_id)
+        stats.resumed = len(ledger.done)
+        if own_client:
+            client = _make_client(cfg)
+        try:
+            _decide(tasks, ledger, seeds, cfg, client, stats)
+            _respond(tasks, ledger, seeds, cfg, client, stats, kept, rejected)
+        finally:
+            if own_client:
+                client.close()
+    k = cfg.instances_per_instruction
+    stats.instructions_done = sum(all(instance_id(t.id, i) in ledger.done for i in range(k)) for t in tasks)
+    totals = client.totals
+    stats.requests, stats.cached = totals.requests, getattr(totals, "cached", 0)
+    stats.prompt_tokens, stats.completion_tokens = totals.prompt_tokens, totals.completion_tokens
+    stats.seconds = round(time.monotonic() - started, 3)
+    write_resolved_config(cfg, out, {"stats": asdict(stats)})
+    print_summary(stats, out, rejected_path)
+    return stats
+
+
+def _make_client(cfg: Config):
+    from pipeline.cache import CachedClient
+
+    return CachedClient(make_client(backend_options_from(cfg)), cfg.cache_dir, cfg.cache)
+
+
+def _pending(task: Task, ledger: Ledger, cfg: Config) -> list[int]:
+    return [k for k in range(cfg.instances_per_instruction) if instance_id(task.id, k) not in ledger.done]
+
+
+def _decide(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, stats: Stats) -> None:
+    """Set `is_classification` on every task: from its record, from earlier records, or by asking."""
+    from tqdm import tqdm
+
+    to_ask = []
+    for task in tasks:
+        if task.is_classification is None and task.id in ledger.decisions:
+            task.is_classification, task.source = ledger.decisions[task.id]
+        elif task.is_classification is None and _pending(task, ledger, cfg):
+            to_ask.append(task)
+    by_id = {task.id: task for task in to_ask}
+    with tqdm(total=len(to_ask), desc="classify", unit="instr", disable=None) as bar:
+        for response in client.stream(decision_requests(to_ask, seeds, cfg)):
+            bar.update()
+            task = by_id[response.request.key]
+            if response.error is not None or not response.texts:
+                stats.failed += 1
+                continue
+            answer = prompts.parse_yes_no(response.texts[0])
+            task.is_classification, task.source = (False, "default") if answer is None else (answer, "model")
+    for task in tasks:
+        if task.source:
+            stats.classification[task.source] = stats.classification.get(task.source, 0) + 1
+
+
+def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, stats: Stats,
+             kept: AppendLog, rejected: AppendLog) -> None:
+    from tqdm import tqdm
+
+    jobs = [(task, k) for task in tasks if task.is_classification is not None for k in _pending(task, ledger, cfg)]
+    stats.output_first = sum(1 for task, _ in jobs if task.is_classification)
+    stats.input_first = len(jobs) - stats.output_first
+    built: dict[str, tuple[Task, int, prompts.Prompt]] = {}
+
+    def requests() -> Iterator[Request]:
+        for task, k in jobs:
+            prompt = instance_prompt(task, k, seeds, cfg)
+            key = instance_id(task.id, k)
+            built[key] = (task, k, prompt)
+            yield _request(key, prompt, cfg, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                           stop=prompts.STOP, seed=None if cfg.seed is None else cfg.seed + k)
+
+    reasons: Counter[str] = Counter()
+    with tqdm(total=len(jobs), desc="respond", unit="inst", disable=None) as bar:
+        for response in client.stream(requests()):
+            bar.update()
+            task, k, prompt = built.pop(response.request.key)
+            if response.error is not None or not response.texts:
+                stats.failed += 1
+                continue
+            finish = response.finish_reasons[0] if response.finish_reasons else ""
+            answer = prompt.answer(response.texts[0], cfg.api)
+            parse = prompts.parse_output_first if task.is_classification else prompts.parse_input_first
+            parsed = parse(answer)
+            reason, clash = check_instance(task.instruction, parsed.input, parsed.output, finish, cfg, ledger)
+            meta = provenance(task, k, response, finish)
+            if reason is None:
+                kept.write(kept_record(task, parsed.input, parsed.output, meta, cfg.format))
+                ledger.keep(meta["id"], task.instruction, parsed.input, parsed.output)
+                stats.written += 1
+            else:
+                rejected.write({"instruction": task.instruction, "input": parsed.input, "output": parsed.output,
+                                "reason": reason, "clashes_with": clash, "raw_answer": answer, **meta})
+                reasons[reason] += 1
+            ledger.done.add(meta["id"])
+            bar.set_postfix(kept=stats.written, rejected=sum(reasons.values()), refresh=False)
+    stats.rejected = dict(reasons.most_common())
+
+
+def print_summary(stats: Stats, out: Path, rejected_path: Path) -> None:
+    rejects = sum(stats.rejected.values())
+    by_reason = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items()) or "none"
+    sources = ", ".join(f"{count} {source}" for source, count in stats.classification.items()) or "none needed"
+    lines = [
+        f"respond: {stats.instructions_done}/{stats.instructions} instructions done; "
+        f"{stats.written} instances written to {out}" + (f" ({stats.resumed} already there)" if stats.resumed else ""),
+        f"  rejected {rejects} -> {rejected_path}: {by_reason}",
+        f"  classification decided by: {sources}; this run {stats.output_first} output-first, "
+        f"{stats.input_first} input-first",
+        f"  {stats.requests} requests ({stats.cached} cached), {stats.prompt_tokens} prompt + "
+        f"{stats.completion_tokens} completion tokens, {stats.seconds:.1f} s",
+    ]
+    if stats.failed:
+        lines.append(f"  {stats.failed} requests failed after all retries: rerun the same command to ask again")
+    print("\n".join(lines), file=sys.stdout)
