@@ -365,27 +365,29 @@ class DialogueConverter(Converter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.cfg.dialogue_column:
-            self.turns = _require_column(self.columns, self.cfg.dialogue_column, "--dialogue-column", self.source)
+            self.turn_columns = [_require_column(self.columns, self.cfg.dialogue_column, "--dialogue-column",
+                                                 self.source)]
         else:
-            found = [c for c in ("messages", "conversations") if c in self.columns]
-            if not found:
+            # Logs gathered from several tools can hold both forms, one per row.
+            self.turn_columns = [c for c in ("messages", "conversations") if c in self.columns]
+            if not self.turn_columns:
                 raise UserError(f"--dialogue-column: no 'messages' or 'conversations' column in {self.source} "
                                 f"(its columns: {', '.join(self.columns)})")
-            self.turns = found[0]
 
     def convert(self, row, row_number):
-        turns = row.get(self.turns)
+        column = next((c for c in self.turn_columns if row.get(c) is not None), self.turn_columns[0])
+        turns = row.get(column)
         if isinstance(turns, str):  # a CSV cell holding the turns as JSON
             try:
                 turns = json.loads(turns)
             except json.JSONDecodeError:
-                raise BadRow(f"{self.turns} is not valid JSON") from None
+                raise BadRow(f"{column} is not valid JSON") from None
         if turns is None:
-            raise BadRow(f"missing {self.turns}")
+            raise BadRow(f"missing {column}")
         if not isinstance(turns, list):
-            raise BadRow(f"{self.turns} is not a list of turns")
+            raise BadRow(f"{column} is not a list of turns")
         if not turns:
-            raise BadRow(f"empty {self.turns}")
+            raise BadRow(f"empty {column}")
         messages = []
         for number, turn in enumerate(turns, start=1):
             try:

@@ -6,7 +6,8 @@
 - Sources are read whole and validated first: each line is an Alpaca record (`instruction`,
   optional `input`, `output`) or a chat record (`messages`: role / content turns with a user
   turn). Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
-  `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune`. (A generic
+  `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune` (chat records
+  need its chat template: `make finetune DATA=data/train.jsonl TEMPLATE=chat`). (A generic
   reader that wants one schema per file, such as `datasets.load_dataset("json")` in older
   versions, may refuse it: mix chat and Alpaca data in separate files for those.)
 - Deduplication across sources, with the near-duplicate index of the filter stage
@@ -37,10 +38,8 @@ from typing import Literal
 
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.jsonl import check_fields, check_output_path, load_records, write_jsonl_atomic
+from pipeline.jsonl import check_output_path, load_records, write_jsonl_atomic
 
-ALPACA_FIELDS = {"instruction": (str, True, True), "input": (str, False, False), "output": (str, True, False)}
-TURN_FIELDS = {"role": (str, True, True), "content": (str, True, False)}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -92,23 +91,18 @@ class Stats:
 
 
 def validate_record(path):
-    """A `read_records` check: an Alpaca record or a chat record with a user turn."""
+    """A `read_records` check: what `finetune --template chat` trains on, with a user turn to dedupe on."""
+    from pipeline.finetune import check_record  # one definition of a training record, finetune's
+
     def validate(record: dict, line: int) -> None:
+        check_record(record, line, path, "chat")
         if "messages" not in record:
-            check_fields(record, ALPACA_FIELDS, path, line)
             return
-        turns = record["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise InputError(path, line, "messages", "expected a non-empty list of turns")
-        for number, turn in enumerate(turns, start=1):
-            try:
-                check_fields(turn, TURN_FIELDS, path, line)
-            except InputError as e:
-                raise InputError(path, line, f"messages[{number}].{e.field or 'turn'}", e.problem) from None
+        for number, turn in enumerate(record["messages"]):
             if turn["role"] not in CHAT_ROLES:
                 raise InputError(path, line, f"messages[{number}].role",
                                  f"{turn['role']!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not any(turn["role"] == "user" for turn in turns):
+        if not any(turn["role"] == "user" for turn in record["messages"]):
             raise InputError(path, line, "messages", "no user turn")
     return validate
 

@@ -326,3 +326,12 @@ def test_cli_end_to_end(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"error: --label-column: no column 'sentiment' in sst.csv (its columns: text, label)"]
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_dialogue_log_with_both_forms_reads_each_row_in_its_own(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "Hey"}]}]
+    records, stats = run_convert(tmp_path, "dialogue", rows)
+    assert [r["messages"][1]["content"] for r in records] == ["Hello", "Hey"]
+    with pytest.raises(UserError, match="--dialogue-column: no column 'turns'"):
+        run_convert(tmp_path, "dialogue", rows, dialogue_column="turns")

@@ -125,9 +125,10 @@ def test_take_weighted_rounds_half_up_and_never_drops_with_weight_above_one():
 
 def test_bad_inputs_fail_before_writing(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [alpaca("knitting")])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [alpaca("tides"), {"messages": [{"role": "robot", "content": "x"}]}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [alpaca("tides"), {"messages": [
+        {"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}])
     out = tmp_path / "train.jsonl"
-    with pytest.raises(InputError, match=r"bad.jsonl:2: messages\[1\].role: 'robot' is not one of"):
+    with pytest.raises(InputError, match=r"bad.jsonl:2: messages\[0\].role: 'robot' is not one of"):
         mix.run(mix.Config(in_paths=(str(good), str(bad)), out=str(out)))
     no_user = write_jsonl(tmp_path / "no_user.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}])
     with pytest.raises(InputError, match="no_user.jsonl:1: messages: no user turn"):
