@@ -335,3 +335,20 @@ def test_dialogue_log_with_both_forms_reads_each_row_in_its_own(tmp_path):
     assert [r["messages"][1]["content"] for r in records] == ["Hello", "Hey"]
     with pytest.raises(UserError, match="--dialogue-column: no column 'turns'"):
         run_convert(tmp_path, "dialogue", rows, dialogue_column="turns")
+
+
+def test_json_array_parquet_and_tsv_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = ROWS["summarization"]
+    (tmp_path / "docs.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "nested.json").write_text(json.dumps({"data": rows}, ensure_ascii=False), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
+    (tmp_path / "docs.tsv").write_text("document\tsummary\n" + "".join(f"{r['document']}\t{r['summary']}\n" for r in rows),
+                                       encoding="utf-8")
+    for name, flags in [("docs.json", {}), ("nested.json", {"json_field": "data"}), ("docs.parquet", {}),
+                        ("docs.tsv", {})]:
+        out = tmp_path / f"{name}.out.jsonl"
+        convert.run(Config(kind="summarization", in_path=str(tmp_path / name), out=str(out), **flags))
+        assert [r["output"] for r in load_records(out)] == OUTPUTS["summarization"], name
