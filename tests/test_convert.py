@@ -308,6 +308,7 @@ def test_templates_are_complete():
     assert convert_templates.language_name("xx", "en") == "xx"
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     src = write_rows(tmp_path / "sst.csv", [{"text": "Nice.", "label": "good"}, {"text": "", "label": "bad"},
                                             {"text": "Poor.", "label": "bad"}])
