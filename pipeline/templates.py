@@ -53,6 +53,7 @@ class EncodedExample:
     num_prompt_tokens: int  # tokens before the first trained one
     truncated: bool = False  # cut at max_length
     dropped: bool = False  # no trained token left after truncation: unusable for training
+    full_length: int = 0  # tokens before truncation (for reports)
     num_trained_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -187,7 +188,7 @@ def encode_example(record: dict, tokenizer, template: str, max_length: int) -> E
             labels.pop()
     num_prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    example = EncodedExample(ids, labels, num_prompt_tokens=min(num_prompt, len(ids)), truncated=truncated)
+    example = EncodedExample(ids[:max_length], labels[:max_length], num_prompt_tokens=min(num_prompt, max_length),
+                             truncated=truncated, full_length=len(ids))
     example.dropped = example.num_trained_tokens == 0
     return example

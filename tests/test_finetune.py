@@ -1,0 +1,244 @@
+"""Fine-tuning: packing isolates records, a tiny model learns, resume, DDP on CPU, LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import InputError, UserError
+from pipeline.finetune import Config, collate, make_loss_module, pack_rows, packing_honoured, plan_batches, run
+from pipeline.templates import encode_example
+from tests.conftest import write_jsonl
+
+RECORDS = [
+    {"instruction": "Name a colour.", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 plus 3 is 5."},
+    {"instruction": "Say hello in French.", "output": "Bonjour !"},
+    {"instruction": "Give an antonym.", "input": "hot", "output": "cold"},
+    {"instruction": "Count to three.", "output": "one, two, three"},
+    {"instruction": "Name a planet.", "output": "Mars"},
+    {"instruction": "Spell cat backwards.", "output": "tac"},
+    {"instruction": "What is 10 minus 4?", "output": "6"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", RECORDS)
+
+
+def fast(data, out, **kw) -> Config:
+    """A config small enough for a test: no validation, tiny batches, a high learning rate."""
+    base = dict(data=str(data), output_dir=str(out), val_fraction=0.0, eval_every=0, save_every=0, batch_size=4,
+                lr=1e-2, lr_schedule="constant", device="cpu", seed=0)
+    base.update(kw)
+    return Config(**base)
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("block_mask", [False, True])
+def test_packed_loss_equals_token_weighted_loss_of_records_one_by_one(tiny, block_mask):
+    import torch
+
+    model, tok = tiny
+    model.eval()
+    examples = [encode_example(r, tok, "alpaca", 512) for r in RECORDS[:5]]
+    loss = make_loss_module(model)
+    with torch.no_grad():
+        packed_sum, packed_correct, packed_n = loss(**without_counts(collate([[0, 1, 2], [3, 4]], examples, tok.pad_token_id, block_mask)))
+        alone = [loss(**without_counts(collate([[i]], examples, tok.pad_token_id))) for i in range(5)]
+        # A row of the same records with positions running on (no isolation) must differ,
+        # or this test could not catch leakage.
+        leaky = collate([[0, 1, 2]], examples, tok.pad_token_id)
+        leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
+        leaky_sum, _, leaky_n = loss(**without_counts(leaky))
+    alone_sum = sum(float(s) for s, _, _ in alone)
+    alone_n = sum(n for _, _, n in alone)
+    assert packed_n == alone_n == sum(e.num_trained_tokens for e in examples)
+    assert float(packed_sum) / packed_n == pytest.approx(alone_sum / alone_n, abs=1e-4)
+    assert int(packed_correct) == sum(int(c) for _, c, _ in alone)
+    three_alone = sum(float(s) for s, _, _ in alone[:3]) / sum(n for _, _, n in alone[:3])
+    assert abs(float(leaky_sum) / leaky_n - three_alone) > 1e-3
+
+
+def without_counts(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "real_tokens"}
+
+
+def test_response_loss_matches_the_full_model_loss(tiny):
+    """Our gather-then-head loss equals transformers' own loss over all positions."""
+    import torch
+
+    model, tok = tiny
+    model.eval()
+    ex = encode_example(RECORDS[1], tok, "alpaca", 512)
+    batch = collate([[0]], [ex], tok.pad_token_id)
+    with torch.no_grad():
+        ours, _, n = make_loss_module(model)(**without_counts(batch))
+        reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert n == ex.num_trained_tokens
+    assert float(ours) / n == pytest.approx(float(reference), abs=1e-5)
+
+
+def test_position_ids_are_honoured_on_cpu(tiny):
+    assert packing_honoured(tiny[0], "cpu")
+
+
+def test_pack_rows_fills_rows_without_splitting_records():
+    rows = pack_rows([5, 4, 3, 3, 2, 7], max_length=8)
+    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4, 5]
+    assert all(sum([5, 4, 3, 3, 2, 7][i] for i in row) <= 8 for row in rows)
+    assert len(rows) == 4  # 24 tokens need at least 3 rows of 8; 7 fits with nothing but 1 token
+
+
+def test_length_grouped_batches_cover_every_record_once(tiny):
+    _, tok = tiny
+    examples = [encode_example(r, tok, "alpaca", 512) for r in RECORDS]
+    batches = plan_batches(examples, batch_size=3, packing=False, max_length=512, seed=1, epoch=0)
+    assert sorted(i for b in batches for row in b for i in row) == list(range(len(RECORDS)))
+    assert max(len(b) for b in batches) == 3
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.slow
+def test_tiny_model_overfits_and_every_parameter_changes(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    stats = run(fast(data, out, model=str(tiny_model_dir), max_steps=40, batch_size=8, lr=1e-2))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 41))
+    assert history[-1]["loss"] < history[0]["loss"] / 2
+    assert history[-1]["token_accuracy"] > history[0]["token_accuracy"]
+    assert all(h["trained_tokens_per_s"] > 0 and h["lr"] == pytest.approx(1e-2) for h in history)
+    before, after = weights(tiny_model_dir), weights(out)
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if bool((before[name] == after[name]).all())]
+    assert unchanged == []
+    assert stats.steps == 40 and stats.final_loss == history[-1]["loss"]
+    for name in ("loss.png", "train_config.json", "val.jsonl", "tokenizer.json"):
+        assert (out / name).exists(), name
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == before["model.embed_tokens.weight"].shape[0]
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(tiny_model_dir, data, tmp_path):
+    import torch
+
+    cfg = fast(data, tmp_path / "a", model=str(tiny_model_dir), max_steps=4, save_every=2, lr=1e-3,
+               lr_schedule="cosine", packing=True, val_fraction=0.25, eval_every=2)
+    run(cfg)
+    straight = weights(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    saved_optimizer = torch.load(ckpt / "optimizer.0.pt", weights_only=True)
+    assert saved_optimizer["state"], "Adam moments were saved"
+    # Pretend the run died after step 2: drop the final model, then resume.
+    (tmp_path / "a" / "model.safetensors").unlink()
+    stats = run(Config(**{**cfg.__dict__, "resume": True}))
+    resumed = weights(tmp_path / "a")
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert stats.steps == 4
+    # Resuming with a different data order is refused rather than silently mixing runs.
+    with pytest.raises(UserError, match="--seed"):
+        run(Config(**{**cfg.__dict__, "resume": True, "seed": 1}))
+
+
+@pytest.mark.slow
+def test_lora_saves_adapter_and_merges(tiny_model_dir, data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    run(fast(data, out, model=str(tiny_model_dir), max_steps=3, lora=4, merge=True))
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+        assert not torch.allclose(merged(ids).logits, plain, atol=1e-4)  # the adapters learnt something
+    # Only adapters trained: the embedding in the merged model is the base one.
+    assert torch.equal(weights(out)["model.embed_tokens.weight"], weights(tiny_model_dir)["model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # 8 records in batches of 3: 3 micro-batches for 2 processes, so one rank runs a filler.
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "finetune", "--data", str(data),
+         "--model", str(tiny_model_dir), "--output-dir", str(out), "--epochs", "1", "--batch-size", "3",
+         "--val-fraction", "0", "--device", "cpu", "--lr", "1e-3", "--lr-schedule", "constant", "--seed", "0"],
+        capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["processes"] == 2
+    assert list(out.glob("*.safetensors")) == [out / "model.safetensors"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert sum(s["trained_tokens"] for s in steps) > 0
+    assert result.stdout.count("pre-flight") == 1  # one process reports
+    # Two processes with one micro-batch each are one process accumulating two: same data,
+    # same token-weighted loss, so the same weights.
+    import torch
+
+    run(fast(data, tmp_path / "one", model=str(tiny_model_dir), epochs=1, batch_size=3, grad_accum=2, lr=1e-3))
+    single, ddp = weights(tmp_path / "one"), weights(out)
+    for name in single:
+        assert torch.allclose(single[name], ddp[name], atol=1e-5), name
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_bad_flags_are_user_errors(tmp_path):
+    for kw, flag in [({"epochs": 0}, "--epochs"), ({"val_fraction": 1.0}, "--val-fraction"),
+                     ({"merge": True}, "--merge"), ({"max_steps": 0}, "--max-steps"), ({"lr": 0}, "--lr")]:
+        with pytest.raises(UserError, match=flag):
+            Config(**kw)
+
+
+def test_bad_record_names_line_and_field(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], {"instruction": "no output"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: output: missing"):
+        run(fast(path, tmp_path / "out", model=str(tiny_model_dir)))
+    assert not (tmp_path / "out").exists()
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(InputError, match="--template chat"):
+        run(fast(chat, tmp_path / "out", model=str(tiny_model_dir)))
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path, data, tiny_model_dir):
+    with pytest.raises(UserError, match="no checkpoint"):
+        run(fast(data, tmp_path / "none", model=str(tiny_model_dir), resume=True))
