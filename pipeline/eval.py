@@ -187,31 +187,12 @@ def run(cfg: Config, *, client=None) -> Stats:
     resolved: dict = {}
 
     if cfg.predictions is not None:
-        tuned = ModelScores(M.generation_metrics([r["prediction"] for r in records], references, languages),
-                            [r["prediction"] for r in records], [None] * len(records), {})
-        base = None
-        if all("baseline_prediction" in r for r in records):
-            preds = [r["baseline_prediction"] for r in records]
-            base = ModelScores(M.generation_metrics(preds, references, languages), preds, [None] * len(records), {})
-        names = {"tuned": cfg.predictions, "base": "baseline_prediction" if base else None}
+        tuned, base, names = score_predictions(records, references, languages, cfg)
     else:
-        from pipeline.models import resolve_model
-
-        model_dir = resolve_model(cfg.model)
-        if cfg.baseline is not None:
-            resolve_model(cfg.baseline)  # a wrong name fails now, not after the first model's run
-        settings = train_settings(model_dir)
-        resolved = {"template": cfg.template or settings.get("template", DEFAULT_TEMPLATE),
-                    "max_length": cfg.max_length or int(settings.get("max_length", DEFAULT_MAX_LENGTH))}
-        if resolved["template"] == "alpaca" and any("messages" in r for r in records):
-            raise UserError(f"--template alpaca: {cfg.data} holds `messages` records, which need --template chat")
-        tuned = score_model(cfg.model, records, references, languages, cfg, resolved, "tuned")
+        tuned, base, names, resolved = score_models(records, references, languages, cfg)
         counts["tuned"] = tuned.counts
-        base = None
-        if cfg.baseline is not None:
-            base = score_model(cfg.baseline, records, references, languages, cfg, resolved, "base")
+        if base is not None:
             counts["baseline"] = base.counts
-        names = {"tuned": cfg.model, "base": cfg.baseline}
 
     result = {"metrics": tuned.metrics}
     if base is not None:
@@ -228,9 +209,53 @@ def run(cfg: Config, *, client=None) -> Stats:
         f.write(table)
     write_resolved_config(cfg, out, {"resolved": resolved})
     print(table)
+    for label in ("tuned", "baseline"):
+        if label in counts:
+            c = counts[label]
+            print(f"{label}: {c['scored_records']:,} records teacher-forced ({c['dropped']} dropped, {c['truncated']} truncated, "
+                  f"{c['response_tokens']:,} response tokens); {c['generated_tokens']:,} tokens generated, "
+                  f"{c['hit_max_new_tokens']} answers hit --max-new-tokens, {c['empty_predictions']} empty; {c['seconds']:.1f} s")
     print(f"{len(records):,} records ({', '.join(f'{n} {lang}' for lang, n in counts['languages'].items())}) in {seconds:.1f} s; "
           f"wrote {out}, {md_path}, {predictions_path}")
     return Stats(tuned.metrics, base.metrics if base else None, counts, out, seconds, [out, md_path, predictions_path])
+
+
+def score_predictions(records: list[dict], references: list[str], languages: list[str],
+                      cfg: Config) -> tuple[ModelScores, ModelScores | None, dict]:
+    """`--predictions`: the answers are in the records; `baseline_prediction` too when every record has one."""
+    none = [None] * len(records)
+    preds = [r["prediction"] for r in records]
+    tuned = ModelScores(M.generation_metrics(preds, references, languages), preds, none, {})
+    base = None
+    if all("baseline_prediction" in r for r in records):
+        preds = [r["baseline_prediction"] for r in records]
+        base = ModelScores(M.generation_metrics(preds, references, languages), preds, none, {})
+    return tuned, base, {"tuned": cfg.predictions, "base": "baseline_prediction" if base else None}
+
+
+def score_models(records: list[dict], references: list[str], languages: list[str],
+                 cfg: Config) -> tuple[ModelScores, ModelScores | None, dict, dict]:
+    """Both models on the records, with the template and length the tuned one was trained with."""
+    from pipeline.models import load_tokenizer, resolve_model
+    from pipeline.templates import prompt_ids
+
+    settings = train_settings(resolve_model(cfg.model))
+    resolved = {"template": cfg.template or settings.get("template", DEFAULT_TEMPLATE),
+                "max_length": cfg.max_length or int(settings.get("max_length", DEFAULT_MAX_LENGTH))}
+    if resolved["template"] == "alpaca" and any("messages" in r for r in records):
+        raise UserError(f"--template alpaca: {cfg.data} holds `messages` records, which need --template chat")
+    names = [cfg.model] + ([cfg.baseline] if cfg.baseline is not None else [])
+    # Fail now, not after the first model's run: a wrong folder, or a tokenizer without a chat template.
+    for name in names:
+        try:
+            prompt_ids(records[0], resolved["template"], load_tokenizer(name))
+        except ValueError as e:
+            raise UserError(f"--template {resolved['template']}: {name}: {e}") from None
+    tuned = score_model(cfg.model, records, references, languages, cfg, resolved, "tuned")
+    base = None
+    if cfg.baseline is not None:
+        base = score_model(cfg.baseline, records, references, languages, cfg, resolved, "base")
+    return tuned, base, {"tuned": cfg.model, "base": cfg.baseline}, resolved
 
 
 def score_model(name: str, records: list[dict], references: list[str], languages: list[str],
@@ -238,6 +263,7 @@ def score_model(name: str, records: list[dict], references: list[str], languages
     """Load one model, run both kinds of measure on `records`, and free it again."""
     from pipeline.models import load_model, load_tokenizer
 
+    started = time.perf_counter()
     tokenizer = load_tokenizer(name)
     model = load_model(name, device=cfg.device, dtype=cfg.dtype)
     try:
@@ -250,7 +276,8 @@ def score_model(name: str, records: list[dict], references: list[str], languages
         gc.collect()
         _empty_device_cache()
     metrics = {**M.teacher_forced_metrics(*sums), **M.generation_metrics(predictions, references, languages)}
-    return ModelScores(metrics, predictions, record_loss, {**tf_counts, **gen_counts})
+    seconds = round(time.perf_counter() - started, 2)
+    return ModelScores(metrics, predictions, record_loss, {**tf_counts, **gen_counts, "seconds": seconds})
 
 
 def _empty_device_cache() -> None:

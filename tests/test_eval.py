@@ -121,13 +121,22 @@ def test_tiny_model_with_baseline_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert all({"prediction", "baseline_prediction", "loss", "rouge_l"} <= set(r) for r in rows)
 
 
-def test_response_cut_away_entirely_leaves_loss_absent(tmp_path, tiny_model_dir):
+def test_settings_of_the_training_run_apply_and_a_cut_away_response_leaves_loss_absent(tmp_path, tiny_model_dir):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (model_dir / path.name).symlink_to(path)
+    # Every chat prompt is longer than 8 tokens, so no response token is left to score.
+    (model_dir / "train_config.json").write_text(json.dumps({"template": "chat", "max_length": 8}))
     data = write_jsonl(tmp_path / "val.jsonl", DATA_RECORDS[:2])
-    cfg = ev.Config(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "eval.json"),
-                    max_length=8, max_new_tokens=2, device="cpu")  # every Alpaca prompt is longer than 8 tokens
-    stats = ev.run(cfg)
+    stats = ev.run(ev.Config(model=str(model_dir), data=str(data), out=str(tmp_path / "eval.json"),
+                             max_new_tokens=2, device="cpu"))
     assert set(stats.metrics) == {"exact_match", "bleu", "rouge_l", "bleu_en", "bleu_ja"}
     assert stats.counts["tuned"]["dropped"] == 2 and stats.counts["tuned"]["response_tokens"] == 0
+    config = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["config"]
+    assert (config["template"], config["max_length"]) == ("chat", 8)
+    resolved = json.loads((tmp_path / "eval.config.json").read_text(encoding="utf-8"))
+    assert resolved["stage"] == "eval" and resolved["resolved"] == {"template": "chat", "max_length": 8}
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +146,18 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
 
 
-def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny):
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny, template):
     import torch
 
     from pipeline.templates import encode_example
 
     model, tokenizer = tiny
     records = DATA_RECORDS[:3]
-    (loss_sum, correct, tokens), record_loss, counts = ev.teacher_forced(model, tokenizer, records, "alpaca", 512, 3, "t")
+    (loss_sum, correct, tokens), record_loss, counts = ev.teacher_forced(model, tokenizer, records, template, 512, 3, "t")
     expected_sum, expected_tokens = 0.0, 0
     for record, loss in zip(records, record_loss):
-        example = encode_example(record, tokenizer, "alpaca", 512)
+        example = encode_example(record, tokenizer, template, 512)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
         n = example.num_trained_tokens
