@@ -21,7 +21,7 @@ block-diagonal mask, or varlen kernels for flash attention) with a self-check at
 kernel really honours them, falling back to an explicit block-diagonal 4-D mask; (3) batches
 sized by length without padding to max length. Each of these would be a Trainer override
 (compute_loss, collator, sampler), and the loop itself is ~100 lines. `Accelerator` gives DDP
-and FSDP (via `accelerate launch` or `torchrun`) and bf16 autocast from the same code.
+and FSDP (via `accelerate launch` or `torchrun`) from the same code; bf16 is torch autocast.
 
 Outputs in `--output-dir`: the model and tokenizer (safetensors), `train_config.json`,
 `metrics.jsonl`, `val.jsonl` (held-out records as read), `loss.png`, and
@@ -474,8 +474,12 @@ def run(cfg: Config, *, client=None) -> Stats:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=1)
+    # Mixed precision is plain torch autocast rather than Accelerator(mixed_precision=...):
+    # accelerate's state is process-wide and refuses a second run in the same process (the
+    # benchmark, tests) with another precision; weights and Adam state stay fp32 either way.
+    accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision="no")
+    autocast = functools.partial(torch.autocast, device_type=accelerator.device.type, dtype=torch.bfloat16,
+                                 enabled=precision == "bf16")
     main = accelerator.is_main_process
     world = accelerator.num_processes
     set_seed(cfg.seed)
@@ -581,7 +585,7 @@ def run(cfg: Config, *, client=None) -> Stats:
         loss_sum = count = 0.0
         with torch.no_grad():
             for rows in plan[accelerator.process_index::world]:
-                with accelerator.autocast():
+                with autocast():
                     s, _, n = wrapper(**to_device(collate(rows, val_examples, pad_id, block_mask)))
                 loss_sum += float(s)
                 count += n
@@ -608,7 +612,7 @@ def run(cfg: Config, *, client=None) -> Stats:
                 batch, weight = collate(micro_batch_filler(train_examples), train_examples, pad_id, block_mask), 0.0
             sync = j == len(batches) - 1
             with (accelerator.no_sync(wrapper) if not sync and world > 1 else contextlib.nullcontext()):
-                with accelerator.autocast():
+                with autocast():
                     loss_sum, correct, _ = wrapper(**to_device(batch))
                 # Token-weighted over the whole global step: DDP averages gradients over
                 # processes, so scale by the process count to get a sum over all ranks.
