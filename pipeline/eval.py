@@ -297,7 +297,7 @@ def teacher_forced(model, tokenizer, records: list[dict], template: str, max_len
     from pipeline.templates import encode_example
 
     encoded = [encode_example(r, tokenizer, template, max_length) for r in records]
-    kept = [i for i, e in enumerate(encoded) if not e.dropped and any(x != M.IGNORE_INDEX for x in e.labels)]
+    kept = [i for i, e in enumerate(encoded) if e.num_trained_tokens > 0]
     # Similar lengths in one batch: little padding, and the longest batch runs first so an
     # out-of-memory error comes at once rather than at the end.
     kept.sort(key=lambda i: -len(encoded[i].input_ids))
@@ -321,8 +321,12 @@ def teacher_forced(model, tokenizer, records: list[dict], template: str, max_len
             # over the whole vocabulary is a large share of the work for a small model.
             first_label = int((labels != M.IGNORE_INDEX).float().argmax(dim=1).min())
             keep = width - max(first_label - 1, 0)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                           logits_to_keep=keep).logits
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+            try:
+                logits = model(**inputs, logits_to_keep=keep).logits
+            except TypeError:  # an older architecture without `logits_to_keep`: all positions
+                keep = width
+                logits = model(**inputs).logits
             sums = M.token_sums(logits, labels[:, width - keep:].to(device))
             for row, i in enumerate(batch):
                 record_loss[i] = sums.loss[row] / sums.tokens[row]

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipeline.lang import language_of
+from pipeline.templates import IGNORE_INDEX  # the label of prompt and padding positions
 
-IGNORE_INDEX = -100  # the label value that marks prompt and padding positions (PyTorch's default)
 
 BLEU_TOKENIZE_EN = "13a"  # sacrebleu's default, the WMT standard for space-separated text
 BLEU_TOKENIZE_JA_FALLBACK = "char"  # needs no extra package; `ja-mecab` gives word n-grams when installed
