@@ -12,7 +12,9 @@
 2. K instances (`--instances-per-instruction`), one request each with its own seed and its own
    few-shot draw, so the K differ: input-first (`Input: ... Output: ...`) for most tasks,
    output-first (`Label: ... Input: ...`) for classification. Prompts and parsing live in
-   `pipeline/respond_prompts.py`.
+   `pipeline/respond_prompts.py`. An input-first answer that stops after its input (small
+   models do) gets one follow-up request: the instruction and that input, as the user turn it
+   will be in training, whose answer is the output.
 3. Checks; a failing instance goes to `<out stem>.rejected.jsonl` with its `reason`:
    `cut_off`, `empty_output`, `output_equals_instruction`, `output_equals_input`, `too_long`,
    `duplicate_instance`, `conflicting_output`.
@@ -66,7 +68,8 @@ class Config:
         "alpaca", "alpaca: instruction/input/output; messages: a user/assistant conversation (TRL, axolotl)")
     instances_per_instruction: int = option(1, "how many different instances to ask for per instruction")
     max_output_words: int = option(400, "reject outputs longer than this (words; characters for Japanese)")
-    temperature: float = option(0.7, "sampling temperature for instances (K > 1 needs some, to differ)")
+    temperature: float = option(0.3, "sampling temperature for instances: low keeps small models on the format; "
+                                     "the K instances still differ by seed and few-shot draw")
     top_p: float = option(0.9, "nucleus sampling for instances")
     max_tokens: int = option(256, "most tokens per instance answer; an answer cut there is rejected as cut_off")
     cache: bool = option(True, "reuse cached answers for identical requests (--no-cache asks again)")
@@ -109,6 +112,7 @@ class Stats:
     classification: dict[str, int] = field(default_factory=dict)  # source -> count
     output_first: int = 0
     input_first: int = 0
+    followups: int = 0  # input-first answers without an output, asked for it in a second request
     requests: int = 0
     cached: int = 0
     prompt_tokens: int = 0
@@ -243,18 +247,22 @@ def check_instance(instruction: str, given: str, output: str, finish_reason: str
     return None, ""
 
 
-def provenance(task: Task, k: int, response: Response, finish_reason: str) -> dict:
+def provenance(task: Task, k: int, responses: list[Response], finish_reason: str) -> dict:
+    """Where an instance came from; `responses` are its answer and, if one was needed, the follow-up's."""
+    last = responses[-1]
     return {
         "id": instance_id(task.id, k),
         "instruction_id": task.id,
         "is_classification": bool(task.is_classification),
         "classification_source": task.source,
-        "backend": response.backend,
-        "model": response.model,
+        "backend": last.backend,
+        "model": last.model,
         "finish_reason": finish_reason,
-        "usage": {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens},
-        "request_id": response.request_id or "",
-        "cached": bool(response.cached),
+        "usage": {"prompt_tokens": sum(r.prompt_tokens for r in responses),
+                  "completion_tokens": sum(r.completion_tokens for r in responses)},
+        "request_id": last.request_id or "",
+        "cached": all(r.cached for r in responses),
+        "followup": len(responses) > 1,
         "instruction_provenance": task.provenance,
     }
 
@@ -368,48 +376,90 @@ def _decide(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Confi
             stats.classification[task.source] = stats.classification.get(task.source, 0) + 1
 
 
+class _Sink:
+    """Checks an instance and writes it to exactly one of the two files."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, kept: AppendLog, rejected: AppendLog, stats: Stats):
+        self.cfg, self.ledger, self.kept, self.rejected, self.stats = cfg, ledger, kept, rejected, stats
+        self.reasons: Counter[str] = Counter()
+
+    def settle(self, task: Task, k: int, parsed: prompts.ParsedInstance, finish: str, responses: list[Response],
+               answer: str) -> None:
+        reason, clash = check_instance(task.instruction, parsed.input, parsed.output, finish, self.cfg, self.ledger)
+        meta = provenance(task, k, responses, finish)
+        if reason is None:
+            self.kept.write(kept_record(task, parsed.input, parsed.output, meta, self.cfg.format))
+            self.ledger.keep(meta["id"], task.instruction, parsed.input, parsed.output)
+            self.stats.written += 1
+        else:
+            self.rejected.write({"instruction": task.instruction, "input": parsed.input, "output": parsed.output,
+                                 "reason": reason, "clashes_with": clash, "raw_answer": answer, **meta})
+            self.reasons[reason] += 1
+        self.ledger.done.add(meta["id"])
+
+
+def _answered(response: Response, stats: Stats) -> tuple[str, str] | None:
+    """(text, finish_reason) of a usable response; None (counted as failed) otherwise."""
+    if response.error is not None or not response.texts:
+        stats.failed += 1
+        return None
+    return response.texts[0], response.finish_reasons[0] if response.finish_reasons else ""
+
+
 def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, stats: Stats,
              kept: AppendLog, rejected: AppendLog) -> None:
+    """Ask for every pending instance; an input-first answer that stopped after its input gets a follow-up."""
     from tqdm import tqdm
 
     jobs = [(task, k) for task in tasks if task.is_classification is not None for k in _pending(task, ledger, cfg)]
     stats.output_first = sum(1 for task, _ in jobs if task.is_classification)
     stats.input_first = len(jobs) - stats.output_first
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=prompts.STOP)
+    sink = _Sink(cfg, ledger, kept, rejected, stats)
     built: dict[str, tuple[Task, int, prompts.Prompt]] = {}
+    # Small models often write the input and stop. Rather than reject the instance, the input
+    # they wrote is sent back as a plain instruction + input request: the one kind of prompt
+    # every instruct model answers. Only these cost a second request.
+    missing: dict[str, tuple[Task, int, str, Response]] = {}
 
     def requests() -> Iterator[Request]:
         for task, k in jobs:
             prompt = instance_prompt(task, k, seeds, cfg)
             key = instance_id(task.id, k)
             built[key] = (task, k, prompt)
-            yield _request(key, prompt, cfg, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                           stop=prompts.STOP, seed=None if cfg.seed is None else cfg.seed + k)
+            yield _request(key, prompt, cfg, seed=None if cfg.seed is None else cfg.seed + k, **sampling)
 
-    reasons: Counter[str] = Counter()
     with tqdm(total=len(jobs), desc="respond", unit="inst", disable=None) as bar:
         for response in client.stream(requests()):
             bar.update()
             task, k, prompt = built.pop(response.request.key)
-            if response.error is not None or not response.texts:
-                stats.failed += 1
+            if (answered := _answered(response, stats)) is None:
                 continue
-            finish = response.finish_reasons[0] if response.finish_reasons else ""
-            answer = prompt.answer(response.texts[0], cfg.api)
-            parse = prompts.parse_output_first if task.is_classification else prompts.parse_input_first
-            parsed = parse(answer)
-            reason, clash = check_instance(task.instruction, parsed.input, parsed.output, finish, cfg, ledger)
-            meta = provenance(task, k, response, finish)
-            if reason is None:
-                kept.write(kept_record(task, parsed.input, parsed.output, meta, cfg.format))
-                ledger.keep(meta["id"], task.instruction, parsed.input, parsed.output)
-                stats.written += 1
+            text, finish = answered
+            answer = prompt.answer(text, cfg.api)
+            parsed = (prompts.parse_output_first if task.is_classification else prompts.parse_input_first)(answer)
+            if not task.is_classification and parsed.input and not parsed.output and finish != "length":
+                missing[response.request.key] = (task, k, parsed.input, response)
             else:
-                rejected.write({"instruction": task.instruction, "input": parsed.input, "output": parsed.output,
-                                "reason": reason, "clashes_with": clash, "raw_answer": answer, **meta})
-                reasons[reason] += 1
-            ledger.done.add(meta["id"])
-            bar.set_postfix(kept=stats.written, rejected=sum(reasons.values()), refresh=False)
-    stats.rejected = dict(reasons.most_common())
+                sink.settle(task, k, parsed, finish, [response], answer)
+            bar.set_postfix(kept=stats.written, rejected=sum(sink.reasons.values()), refresh=False)
+
+    def followups() -> Iterator[Request]:
+        for key, (task, k, given, _) in list(missing.items()):
+            prompt = prompts.output_prompt(task.instruction, given, task.language)
+            yield _request(key, prompt, cfg, seed=None if cfg.seed is None else cfg.seed + k, **sampling)
+
+    stats.followups = len(missing)
+    with tqdm(total=len(missing), desc="outputs", unit="inst", disable=None) as bar:
+        for response in client.stream(followups()):
+            bar.update()
+            task, k, given, first = missing.pop(response.request.key)
+            if (answered := _answered(response, stats)) is None:
+                continue
+            text, finish = answered
+            output = prompts.parse_output_only(text)
+            sink.settle(task, k, prompts.ParsedInstance(given, output), finish, [first, response], text)
+    stats.rejected = dict(sink.reasons.most_common())
 
 
 def print_summary(stats: Stats, out: Path, rejected_path: Path) -> None:
@@ -421,7 +471,7 @@ def print_summary(stats: Stats, out: Path, rejected_path: Path) -> None:
         f"{stats.written} instances written to {out}" + (f" ({stats.resumed} already there)" if stats.resumed else ""),
         f"  rejected {rejects} -> {rejected_path}: {by_reason}",
         f"  classification decided by: {sources}; this run {stats.output_first} output-first, "
-        f"{stats.input_first} input-first",
+        f"{stats.input_first} input-first ({stats.followups} needed a second request for the output)",
         f"  {stats.requests} requests ({stats.cached} cached), {stats.prompt_tokens} prompt + "
         f"{stats.completion_tokens} completion tokens, {stats.seconds:.1f} s",
     ]

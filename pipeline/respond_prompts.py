@@ -15,7 +15,8 @@ text that ends with the first label, so a base model continues it.
 - Input-first (other tasks): the assistant writes `Input: ...` (or `Input: None`) then
   `Output: ...` in one answer. One request rather than two: the output is written in the same
   context as the input it answers, the prompt is paid for once, and it is the format the
-  Self-Instruct paper used.
+  Self-Instruct paper used. When the answer stops after its input, `output_prompt` asks for
+  the output alone (a second request only for those).
 - Output-first (classification): `Label: ...` then `Input: ...`, so the model picks a class
   before writing an input, and the inputs are not skewed towards the class that is easiest to
   write an input for.
@@ -140,6 +141,16 @@ def instance_prompt(kind: str, instruction: str, examples: list[SeedTask], langu
     return _build(system, shots, TASK_LINE[lang].format(instruction=instruction), prefix)
 
 
+def output_prompt(instruction: str, given: str, language: str) -> Prompt:
+    """The follow-up for an answer that stopped after its input: the task and that input, nothing
+    else. For chat it is exactly the user turn the instance becomes in training."""
+    lang = _language(language)
+    label = LABEL[lang]
+    user = f"{instruction}\n\n{given}"
+    text = f"{TASK_LINE[lang].format(instruction=instruction)}\n{label['input']}: {given}\n{label['output']}:"
+    return Prompt(({"role": "user", "content": user},), text, "")
+
+
 # ---------------------------------------------------------------- parsing answers
 
 
@@ -203,6 +214,16 @@ def parse_input_first(answer: str) -> ParsedInstance:
     if fields:
         return ParsedInstance("" if is_no_input(fields.get("input", "")) else fields.get("input", ""), "")
     return ParsedInstance("", clean_value(answer))
+
+
+def parse_output_only(answer: str) -> str:
+    """The answer to a follow-up: its `Output:` field if it labelled one, else the whole text
+    (up to any example the model went on to invent)."""
+    fields = split_fields(answer)
+    if "output" in fields:
+        return fields["output"]
+    first = LABEL_RE.search(answer)
+    return clean_value(answer if first is None else answer[:first.start()])
 
 
 def parse_output_first(answer: str) -> ParsedInstance:

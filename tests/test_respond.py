@@ -170,7 +170,7 @@ def test_completions_api_sends_one_prompt_and_parses_the_continuation(tmp_path, 
 
 REJECT_CASES = {
     # instruction -> answers for instance 0 and 1 (K = 2)
-    "Say nothing.": ["Input: hi\nOutput:", "Input: hi\nOutput:   "],
+    "Say nothing.": ["Input: None\nOutput:", "Output:   "],
     "Repeat the input.": ["Input: echo me\nOutput: Echo ME", "Input: echo me\nOutput:  echo   me"],
     "Write this instruction again.": ["Input: None\nOutput: Write this instruction again.",
                                       "Input: None\nOutput: write this instruction again."],
@@ -213,7 +213,7 @@ def test_every_rejection_reason_from_a_case_built_for_it(tmp_path, seeds_file, f
                 assert record_id not in kept
     assert rejected["r4-1"]["clashes_with"] == "r4-0"
     assert rejected["r5-1"]["clashes_with"] == "r5-0" and rejected["r5-1"]["output"] == "5"
-    assert rejected["r0-0"]["raw_answer"] == "Input: hi\nOutput:"
+    assert rejected["r0-0"]["raw_answer"] == "Input: None\nOutput:"
     assert stats.rejected == {"empty_output": 2, "output_equals_input": 2, "output_equals_instruction": 2,
                               "too_long": 2, "duplicate_instance": 1, "conflicting_output": 1}
     assert stats.written == 2 and stats.instructions_done == 6
@@ -229,6 +229,27 @@ def test_cut_off_answers_are_rejected(tmp_path, seeds_file, fake_openai):
     [record] = read(tmp_path / "alpaca.rejected.jsonl")
     assert record["reason"] == "cut_off" and record["finish_reason"] == "length"
     assert stats.rejected == {"cut_off": 1}
+
+
+def test_an_answer_that_stops_after_its_input_gets_a_follow_up(tmp_path, seeds_file, fake_openai):
+    def answer(body):
+        if len(body["messages"]) == 1:  # the follow-up: the task and the input, as in training
+            return "The capital of Peru is Lima." if "Peru" in body["messages"][0]["content"] else ""
+        return "Input: Peru" if "capital" in target_task(body) else "Input: something"
+
+    fake_openai.answer = answer
+    tasks = [{"id": "f1", "instruction": "Name the capital of the country.", "is_classification": False},
+             {"id": "f2", "instruction": "Describe it.", "is_classification": False}]
+    cfg = config(tmp_path, instructions_file(tmp_path, tasks), seeds_file, base_url=fake_openai.base_url)
+    stats = respond.run(cfg)
+    followups = [b["messages"] for b in fake_openai.bodies if len(b["messages"]) == 1]
+    assert [{"role": "user", "content": "Name the capital of the country.\n\nPeru"}] in followups
+    [record] = read(cfg.out)
+    assert (record["id"], record["input"], record["output"]) == ("f1-0", "Peru", "The capital of Peru is Lima.")
+    assert record["followup"] is True and record["usage"]["prompt_tokens"] > 0
+    [reject] = read(tmp_path / "alpaca.rejected.jsonl")
+    assert (reject["id"], reject["reason"], reject["input"]) == ("f2-0", "empty_output", "something")
+    assert stats.followups == 2 and stats.requests == 4
 
 
 def test_no_input_task_keeps_different_outputs(tmp_path, seeds_file):
@@ -247,7 +268,7 @@ def test_no_input_task_keeps_different_outputs(tmp_path, seeds_file):
 def test_outputs_load_with_datasets(tmp_path, seeds_file, fmt):
     import datasets
 
-    answers = {"Name a colour.": "Input: None\nOutput: Blue.", "Say nothing.": "Input: x\nOutput:",
+    answers = {"Name a colour.": "Input: None\nOutput: Blue.", "Say nothing.": "Input: None\nOutput:",
                "Sort the list.": "Input: 3, 1, 2\nOutput: 1, 2, 3", "Is it spam?": "Label: spam\nInput: WIN NOW"}
     client = FakeClient(lambda r: "Yes" if "classification task?" in r.messages[-1]["content"]
                         else answers[r.messages[-1]["content"].split(": ", 1)[1]])

@@ -73,6 +73,23 @@ def test_parse_yes_no(answer, expected):
     assert p.parse_yes_no(answer) is expected
 
 
+@pytest.mark.parametrize("answer, expected", [
+    ("Lima is the capital.", "Lima is the capital."),
+    ("Output: Lima", "Lima"),
+    ("  Lima.\n\nTask: Name another\nInput: x", "Lima."),
+    ("Input: Peru", ""),
+])
+def test_parse_output_only(answer, expected):
+    assert p.parse_output_only(answer) == expected
+
+
+def test_output_prompt_is_the_training_user_turn():
+    prompt = p.output_prompt("Name the capital.", "Peru", "en")
+    assert prompt.messages == ({"role": "user", "content": "Name the capital.\n\nPeru"},)
+    assert prompt.text == "Task: Name the capital.\nInput: Peru\nOutput:"
+    assert p.output_prompt("首都は？", "ペルー", "ja").text == "タスク: 首都は？\n入力: ペルー\n出力:"
+
+
 @pytest.mark.parametrize("value", ["None", "(none)", "N/A", "<noinput>", "なし", "「なし」", "None.", ""])
 def test_no_input_words(value):
     assert p.is_no_input(value)
