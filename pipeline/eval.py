@@ -4,8 +4,9 @@
     python -m pipeline eval --data seeds            # the seed tasks' human-written instances
     python -m pipeline eval --predictions answers.jsonl --out answers.eval.json   # no model
 
-Each model is scored twice on the same records, with the prompt template it was trained
-with (`--template`, default: the one in `<model>/train_config.json`, else alpaca):
+Each model is scored twice on the same records and the same prompts: the template the tuned
+model was trained with (`--template`, default: the one in `<model>/train_config.json`, else
+alpaca), so the baseline shows what the model did with those prompts before fine-tuning:
 
 - teacher-forced, batched: mean cross-entropy over the response tokens (token-weighted, as
   in training), perplexity = exp(loss), and token accuracy (argmax equals the label, response
@@ -46,6 +47,9 @@ DEFAULT_MAX_LENGTH = 512
 # Alpaca's responses average ~60 words (~80 tokens); 256 covers nearly all without letting a
 # model that never emits EOS run for minutes on a CPU.
 DEFAULT_MAX_NEW_TOKENS = 256
+# Eight Alpaca-length records fit a 135M model's forward pass in well under 1 GB on a CPU;
+# raise it on a GPU.
+DEFAULT_BATCH_SIZE = 8
 SEEDS_DATA = "seeds"  # the `--data` value that means the seed tasks' instances
 TRAIN_CONFIG = "train_config.json"  # written by `finetune` into its output folder
 
@@ -77,7 +81,7 @@ class Config:
     template: Literal["alpaca", "chat"] | None = option(None, f"prompt template (default: the one in <model>/{TRAIN_CONFIG}, else {DEFAULT_TEMPLATE})")
     max_length: int | None = option(None, f"token limit of prompt + response for the teacher-forced measures (default: <model>/{TRAIN_CONFIG}'s, else {DEFAULT_MAX_LENGTH})")
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens generated per answer")
-    batch_size: int = option(8, "records per forward pass and per generate call")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "records per forward pass and per generate call")
     limit: int | None = option(None, "evaluate only the first N records")
     seeds: str = option(DEFAULT_SEEDS, f"the seed file `--data {SEEDS_DATA}` reads")
     device: str = option("auto", "cuda, mps, cpu, or auto")
@@ -124,7 +128,7 @@ def output_paths(out) -> tuple[Path, Path, Path]:
 
 
 def load_eval_records(cfg: Config) -> list[dict]:
-    """The records to score, validated and cut to `--limit`, each with its reference language."""
+    """The records to score, all validated, then cut to `--limit`."""
     if cfg.predictions is not None:
         records = load_records(cfg.predictions, PREDICTION_FIELDS)
     elif cfg.data == SEEDS_DATA:

@@ -114,7 +114,7 @@ def test_rouge_l_equals_rouge_score_on_english():
 def test_japanese_pair_one_character_apart_scores_high_not_zero():
     prediction, reference = "私は犬が好きです。", "私は猫が好きです。"
     assert M.rouge_l_f1(prediction, reference) > 0.75
-    assert M.corpus_bleu([prediction], [reference]) > 40
+    assert M.corpus_bleu([prediction], [reference]) > 30  # ~66 with `char`, ~41 with `ja-mecab`; 0 with 13a
     assert M.exact_match_rate([prediction], [reference]) == 0
 
 
