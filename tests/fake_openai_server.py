@@ -165,6 +165,9 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(server: FakeOpenAIServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+        # Headers and body go out in two writes; with Nagle's algorithm on, the client's
+        # delayed ACK adds ~40 ms to every answer.
+        disable_nagle_algorithm = True
 
         def log_message(self, format, *args):  # quiet: tests capture stderr
             pass
@@ -222,7 +225,7 @@ def _handler_for(server: FakeOpenAIServer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()
     server = FakeOpenAIServer(latency=args.latency, port=args.port)
