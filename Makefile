@@ -103,6 +103,9 @@ test: | setup
 bench: | setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/bench_filter.py
+	$(PY) bench/bench_client.py
+	$(PY) bench/bench_local.py
+	$(PY) bench/bench_sft.py --steps 3
 
 clean:
 	rm -rf data/cache data/*.jsonl data/*.json data/*.html runs

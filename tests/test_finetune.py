@@ -242,3 +242,16 @@ def test_bad_record_names_line_and_field(tmp_path, tiny_model_dir):
 def test_resume_without_checkpoint_is_a_user_error(tmp_path, data, tiny_model_dir):
     with pytest.raises(UserError, match="no checkpoint"):
         run(fast(data, tmp_path / "none", model=str(tiny_model_dir), resume=True))
+
+
+def test_chat_messages_records_train(tiny, tiny_model_dir, tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
+        {"instruction": "Name a colour.", "output": "Red."},
+    ]
+    stats = run(fast(write_jsonl(tmp_path / "chat.jsonl", records), tmp_path / "out", model=str(tiny_model_dir),
+                     template="chat", max_steps=1))
+    # One step sees both records; only the assistant answers (with end-of-turn) are trained.
+    assert stats.trained_tokens == sum(encode_example(r, tiny[1], "chat", 512).num_trained_tokens for r in records)
+    assert (tmp_path / "out" / "model.safetensors").exists()
