@@ -27,11 +27,9 @@ postings of rare tokens and the work grows with real near-neighbours, not with t
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import unicodedata
-from collections import Counter
 from typing import Callable, Literal
 
 import numpy as np
@@ -66,6 +64,18 @@ REORDER_GROWTH = 2.0
 # of pairs, and a small block keeps the in-block comparisons (against not-yet-settled
 # candidates) a small share of the work.
 DEFAULT_BLOCK_SIZE = 1024
+# Postings keys are element << _LEN_BITS | length; lengths above the cap share the last slot
+# and are checked exactly afterwards. 20 bits leave 43 for the element (token id + copy).
+_LEN_BITS = 20
+_LEN_CAP = (1 << _LEN_BITS) - 1
+_BIG_LENGTH = 1 << 40  # "no upper length bound" (threshold 0)
+# Arrays grown by doubling start this big (tokens, pool members).
+_INITIAL_CAPACITY = 1024
+# A new postings run is merged into the one before it once it is at least this share of its
+# size: runs then shrink geometrically, about log2(pool/block) of them, each probed per block.
+_RUN_MERGE_RATIO = 2
+# Re-indexing after a re-count goes this many members at a time to bound temporary memory.
+_REINDEX_CHUNK = 65_536
 
 
 def _multilingual() -> "object":
@@ -138,6 +148,76 @@ def length_window(length: int, threshold: float) -> tuple[float, float]:
     return t * length / (2 - t), length * (2 - t) / t
 
 
+def min_overlap(total_length: int, threshold: float) -> int:
+    """Fewest shared tokens two sequences of lengths summing to `total_length` need to score above `threshold`."""
+    t = max(threshold - _BOUND_SLACK, 0.0)
+    return math.floor(t * total_length / 2) + 1
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [starts[r], starts[r] + counts[r]): (range number, index) of every element."""
+    total = int(counts.sum())
+    rows = np.repeat(np.arange(len(counts)), counts)
+    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.repeat(starts, counts) + offsets
+
+
+class _Postings:
+    """Prefix elements of some pool members, sorted by (element, length) for range lookups.
+
+    `keys` = element << _LEN_BITS | min(length, _LEN_CAP), so the postings of one element are
+    contiguous and sorted by the member's length: a length window is one searchsorted range.
+    """
+
+    __slots__ = ("keys", "items", "positions")
+
+    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray):
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.items, self.positions = keys[order], items[order], positions[order]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def merged(first: "_Postings", second: "_Postings") -> "_Postings":
+        return _Postings(np.concatenate([first.keys, second.keys]), np.concatenate([first.items, second.items]),
+                         np.concatenate([first.positions, second.positions]))
+
+
+class _Elements:
+    """The token-id sequences of some texts as flat arrays, each sorted by the global order.
+
+    The k-th copy of a token in a sequence is its own element `token + k * _COPY_STRIDE`, so the
+    overlap of two element sets is exactly the overlap of the two token bags.
+    """
+
+    __slots__ = ("lengths", "owner", "position", "element", "first_copy_token", "prefix")
+
+    def __init__(self, seqs: list[str], rank: np.ndarray, prefix_sizes: np.ndarray):
+        self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        codes = np.frombuffer("".join(seqs).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        tokens = codes - (codes >= _SURROGATES_START) * _SURROGATES_SIZE
+        owner = np.repeat(np.arange(len(seqs)), self.lengths)
+        order = np.lexsort((rank[tokens], owner))  # ranks are unique per token: one strict order
+        tokens = tokens[order]
+        count = len(tokens)
+        index = np.arange(count)
+        self.position = index - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)
+        new_run = np.ones(count, dtype=bool)
+        new_run[1:] = (tokens[1:] != tokens[:-1]) | (owner[1:] != owner[:-1])
+        copy = index - np.maximum.accumulate(np.where(new_run, index, 0))
+        self.owner = owner
+        self.element = tokens + copy * _COPY_STRIDE
+        self.first_copy_token = tokens[new_run]
+        self.prefix = self.position < prefix_sizes[self.lengths][owner] if count else np.zeros(0, dtype=bool)
+
+    def postings(self, items: np.ndarray) -> _Postings:
+        """The prefix elements as postings; `items[owner]` is each sequence's pool position."""
+        p = self.prefix
+        lengths = np.minimum(self.lengths[self.owner[p]], _LEN_CAP)
+        return _Postings((self.element[p] << _LEN_BITS) | lengths, items[self.owner[p]], self.position[p])
+
+
 class RougeIndex:
     """A growing pool of texts, searchable for the highest ROUGE-L F1 against it.
 
@@ -145,8 +225,8 @@ class RougeIndex:
     - when some pool member scores above `threshold`, the score is the exact highest ROUGE-L
       F1 against the whole pool and `item_id` the earliest-added member with that score;
     - otherwise `score` is the highest among the pool members the index had to examine (those
-      sharing a rare token with it), which is a lower bound of the true highest, and `item_id`
-      is the member it came from, whose score is exact; `(0.0, None)` when nothing was examined.
+      passing every bound), which is a lower bound of the true highest, and `item_id` is the
+      member it came from, whose score is exact; `(0.0, None)` when nothing was examined.
 
     `add_unless_similar(items)` is the greedy filter: each item is added unless it scores above
     the threshold against the pool, which includes the items of the same call that were added
@@ -163,18 +243,26 @@ class RougeIndex:
         self.tokenizer = tokenizer
         self.block_size = block_size
         self._vocab: dict[str, str] = {}  # token -> its id as one character
-        self._doc_freq: list[int] = []  # per token id: how many pool members contain it
-        self._order: list[int] = []  # per token id: sort key of the global order, rarest first
-        self._ordered_at = 0  # pool size when `_order` was last counted
+        # Per token id, grown by doubling: pool members containing it, and its place in the
+        # global order. Ranks are unique; a token unseen at the last count gets rank -1 - id,
+        # so it sorts before every counted one (as the rarest), and ties never happen.
+        self._doc_freq = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self._rank = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self._ordered_at = 0  # pool size when the ranks were last counted
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._seqs: list[str] = []
-        # The same sequences as a numpy object array (grown by doubling), so a block's pairs
-        # are gathered by fancy indexing in C rather than a Python loop.
-        self._seq_array = np.empty(DEFAULT_BLOCK_SIZE, dtype=object)
-        self._lengths: list[int] = []
+        # The sequences again as a numpy object array (grown by doubling), so a block's pairs
+        # are gathered by fancy indexing in C rather than a Python loop; lengths likewise.
+        self._seq_array = np.empty(_INITIAL_CAPACITY, dtype=object)
+        self._length_array = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
         self._positions: dict[str, int] = {}
-        self._postings: dict[int, list[int]] = {}
+        # Postings in runs of decreasing size (merged like a binary counter), so adding a block
+        # costs O(log pool) amortised and no sorted array is ever rebuilt whole per block.
+        self._runs: list[_Postings] = []
+        self._pending: list[int] = []  # pool positions added one by one, indexed at the next query
+        self._tables_for = -1
+        self._ensure_tables(_INITIAL_CAPACITY)
         # Pair counts, for reports: every pair the greedy filter could have compared (each item
         # against the pool before its block and the block's earlier items), and those it verified.
         self.pairs_possible = 0
@@ -196,153 +284,197 @@ class RougeIndex:
 
     def add(self, item_id: str, text: str) -> None:
         """Add one text to the pool, unconditionally."""
-        self._add(item_id, text, self.encode(text))
+        self._pending.extend(self._append([(item_id, text)], [self.encode(text)]))
+        self._maybe_reorder()
 
     def prepare_order(self, texts) -> None:
         """Count token frequencies over `texts` (e.g. all candidates of a batch job) to order tokens
         rarest first before anything is added. Optional: it only makes queries cheaper."""
-        counts: Counter[str] = Counter()
-        for text in texts:
-            counts.update(set(tokenize(text, self.tokenizer)))
-        for token in counts:
-            self._char(token)
-        for token, count in counts.items():
-            self._doc_freq[_char_id(self._vocab[token])] += count
+        texts = list(texts)
+        seqs = [self.encode(text) for text in texts]
+        self._ensure_tables(max(map(len, seqs), default=0))
+        elements = _Elements(seqs, self._rank, self._prefix_sizes)
+        pool_counts = self._doc_freq.copy()
+        np.add.at(self._doc_freq, elements.first_copy_token, 1)
         self._reorder()
         # The counts above were hints about texts not in the pool, so the order holds until the
         # pool outgrows them; the pool's own counts restart from what it holds.
-        self._ordered_at = max(self._ordered_at, len(texts) if hasattr(texts, "__len__") else 0)
-        self._doc_freq = [0] * len(self._doc_freq)
-        for seq in self._seqs:
-            for ch in set(seq):
-                self._doc_freq[_char_id(ch)] += 1
+        self._ordered_at = max(self._ordered_at, len(texts))
+        self._doc_freq = pool_counts
 
     def encode(self, text: str) -> str:
         """The token-id sequence of `text`, one character per token."""
-        char = self._char
-        return "".join([char(token) for token in tokenize(text, self.tokenizer)])
+        vocab = self._vocab
+        return "".join([vocab.get(token) or self._char(token) for token in tokenize(text, self.tokenizer)])
 
     def _char(self, token: str) -> str:
-        ch = self._vocab.get(token)
-        if ch is None:
-            token_id = len(self._vocab)
-            if token_id >= MAX_VOCAB:
-                raise ValueError(f"more than {MAX_VOCAB:,} distinct tokens; the index cannot hold more")
-            ch = self._vocab[token] = _id_char(token_id)
-            self._doc_freq.append(0)
-            self._order.append(token_id)  # unseen at the last count: sorts with the rarest
+        token_id = len(self._vocab)
+        if token_id >= MAX_VOCAB:
+            raise ValueError(f"more than {MAX_VOCAB:,} distinct tokens; the index cannot hold more")
+        ch = self._vocab[token] = _id_char(token_id)
+        if token_id == len(self._rank):
+            self._rank = np.concatenate([self._rank, np.zeros(token_id, dtype=np.int64)])
+            self._doc_freq = np.concatenate([self._doc_freq, np.zeros(token_id, dtype=np.int64)])
+        self._rank[token_id] = -1 - token_id
         return ch
 
-    def _add(self, item_id: str, text: str, seq: str) -> None:
-        if item_id in self._positions:
-            raise ValueError(f"duplicate id {item_id!r} in the ROUGE-L pool")
-        position = len(self._ids)
-        self._positions[item_id] = position
-        self._ids.append(item_id)
-        self._texts.append(text)
-        self._seqs.append(seq)
-        if position == len(self._seq_array):
-            grown = np.empty(2 * position, dtype=object)
-            grown[:position] = self._seq_array
-            self._seq_array = grown
-        self._seq_array[position] = seq
-        self._lengths.append(len(seq))
-        for ch in set(seq):
-            self._doc_freq[_char_id(ch)] += 1
-        for key in self._prefix(seq):
-            self._postings.setdefault(key, []).append(position)
+    def _ensure_tables(self, length: int) -> None:
+        """Per-length bound tables (from the scalar bound functions) for sequences up to `length`."""
+        if length <= self._tables_for:
+            return
+        size = max(2 * length, _INITIAL_CAPACITY) + 1
+        t = self.threshold
+        self._prefix_sizes = np.array([max(m - min_shared_tokens(m, t) + 1, 0) if m else 0 for m in range(size)],
+                                      dtype=np.int64)
+        windows = [length_window(m, t) for m in range(size)]
+        self._min_length = np.array([math.floor(low) + 1 for low, _ in windows], dtype=np.int64)
+        self._max_length = np.array([math.ceil(high) - 1 if high < _BIG_LENGTH else _BIG_LENGTH
+                                     for _, high in windows], dtype=np.int64)
+        self._min_overlap = np.array([min_overlap(s, t) for s in range(2 * size + 1)], dtype=np.int64)
+        self._tables_for = size - 1
+
+    def _append(self, items: list[tuple[str, str]], seqs: list[str]) -> list[int]:
+        """Put items into the pool (not yet into the postings); their positions."""
+        start = len(self._ids)
+        for offset, ((item_id, text), seq) in enumerate(zip(items, seqs)):
+            if item_id in self._positions:
+                raise ValueError(f"duplicate id {item_id!r} in the ROUGE-L pool")
+            self._positions[item_id] = start + offset
+            self._ids.append(item_id)
+            self._texts.append(text)
+            self._seqs.append(seq)
+        end = len(self._ids)
+        while end > len(self._seq_array):
+            capacity = 2 * len(self._seq_array)
+            seq_array = np.empty(capacity, dtype=object)
+            seq_array[:start] = self._seq_array[:start]
+            self._seq_array = seq_array
+            self._length_array = np.concatenate([self._length_array[:start], np.zeros(capacity - start, dtype=np.int64)])
+        self._seq_array[start:end] = seqs if seqs else []
+        self._length_array[start:end] = [len(seq) for seq in seqs]
+        return list(range(start, end))
+
+    def _index(self, positions: list[int]) -> None:
+        """Add the prefixes of these pool members to the postings."""
+        if not positions:
+            return
+        seqs = [self._seqs[p] for p in positions]
+        self._ensure_tables(max(map(len, seqs)))
+        elements = _Elements(seqs, self._rank, self._prefix_sizes)
+        np.add.at(self._doc_freq, elements.first_copy_token, 1)
+        run = elements.postings(np.asarray(positions, dtype=np.int64))
+        if len(run):
+            self._runs.append(run)
+        while len(self._runs) > 1 and len(self._runs[-1]) * _RUN_MERGE_RATIO >= len(self._runs[-2]):
+            last = self._runs.pop()
+            self._runs[-1] = _Postings.merged(self._runs[-1], last)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._index(pending)
+
+    def _maybe_reorder(self) -> None:
         if len(self._ids) >= max(self._ordered_at, 1) * REORDER_GROWTH:
             self._reorder()
 
     def _reorder(self) -> None:
         """Re-count the global token order and re-index every prefix under it."""
-        stride = len(self._doc_freq) + 1
-        self._order = [df * stride + i for i, df in enumerate(self._doc_freq)]
+        vocab = len(self._vocab)
+        by_rarity = np.lexsort((np.arange(vocab), self._doc_freq[:vocab]))
+        self._rank[by_rarity] = np.arange(vocab)
         self._ordered_at = len(self._ids)
-        self._postings = {}
-        for position, seq in enumerate(self._seqs):
-            for key in self._prefix(seq):
-                self._postings.setdefault(key, []).append(position)
-
-    def _prefix(self, seq: str) -> list[int]:
-        """Element keys of the first m - alpha(m) + 1 elements of `seq` in the global order."""
-        m = len(seq)
-        if m == 0:
-            return []
-        size = m - min_shared_tokens(m, self.threshold) + 1
-        if size <= 0:
-            return []
-        order = self._order
-        ids = sorted(map(_char_id, seq), key=order.__getitem__)[:size]
-        keys, copies = [], {}
-        for token_id in ids:  # the k-th copy of a token is its own element
-            k = copies.get(token_id, 0)
-            copies[token_id] = k + 1
-            keys.append(token_id + k * _COPY_STRIDE)
-        return keys
+        doc_freq = self._doc_freq.copy()
+        self._runs, self._pending = [], []
+        for start in range(0, len(self._ids), _REINDEX_CHUNK):
+            self._index(list(range(start, min(start + _REINDEX_CHUNK, len(self._ids)))))
+        self._doc_freq = doc_freq  # _index counted every member again
 
     # --- search ------------------------------------------------------------------------
 
-    def _pool_candidates(self, seq: str, keys: list[int], lengths: np.ndarray) -> np.ndarray:
-        """Pool positions that pass the prefix and length bounds for `seq`, ascending."""
-        postings = self._postings
-        lists = [postings[k] for k in keys if k in postings]
-        total = sum(map(len, lists))
-        if not total:
-            return np.empty(0, dtype=np.int64)
-        found = np.unique(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total))
-        low, high = length_window(len(seq), self.threshold)
-        n = lengths[found]
-        return found[(n > low) & (n < high)]
+    def _matches(self, postings: _Postings, elements: _Elements) -> tuple[np.ndarray, ...]:
+        """(query, query position, item, item position) of every shared prefix element within the length window."""
+        p = elements.prefix
+        lengths = elements.lengths[elements.owner[p]]
+        base = elements.element[p] << _LEN_BITS
+        low = np.searchsorted(postings.keys, base | np.minimum(self._min_length[lengths], _LEN_CAP))
+        high = np.searchsorted(postings.keys, base | np.minimum(self._max_length[lengths], _LEN_CAP), side="right")
+        rows, found = _expand(low, high - low)
+        return (elements.owner[p][rows], elements.position[p][rows], postings.items[found], postings.positions[found])
 
-    def _lengths_array(self) -> np.ndarray:
-        return np.asarray(self._lengths, dtype=np.int64)
+    def _candidates(self, matches: list[tuple[np.ndarray, ...]], query_lengths: np.ndarray,
+                    item_lengths: np.ndarray, items: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs (query, item) that pass the length and positional bounds, sorted by query then item.
+
+        For a pair, the shared prefix elements are exactly its shared elements up to the last of
+        them, w (both prefixes hold everything before w in the order); the rest of the overlap
+        lies after w in both sequences, so overlap <= shared prefix count + min(m-1-i, n-1-j),
+        where w sits at i and j (PPJoin's positional filter).
+        """
+        query = np.concatenate([m[0] for m in matches]) if matches else np.empty(0, dtype=np.int64)
+        if not len(query):
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        pair = query * items + np.concatenate([m[2] for m in matches])
+        order = np.argsort(pair, kind="stable")
+        pair = pair[order]
+        starts = np.flatnonzero(np.concatenate([[True], pair[1:] != pair[:-1]]))
+        shared = np.diff(np.append(starts, len(pair)))
+        last_i = np.maximum.reduceat(np.concatenate([m[1] for m in matches])[order], starts)
+        last_j = np.maximum.reduceat(np.concatenate([m[3] for m in matches])[order], starts)
+        a, b = np.divmod(pair[starts], items)
+        m, n = query_lengths[a], item_lengths[b]
+        bound = shared + np.minimum(m - 1 - last_i, n - 1 - last_j)
+        keep = (bound >= self._min_overlap[m + n]) & (n >= self._min_length[m]) & (n <= self._max_length[m])
+        return a[keep], b[keep]
+
+    def _pool_candidates(self, elements: _Elements) -> tuple[np.ndarray, np.ndarray]:
+        self._flush()
+        size = len(self._ids)
+        matches = [self._matches(run, elements) for run in self._runs]
+        return self._candidates(matches, elements.lengths, self._length_array[:size], max(size, 1))
+
+    def _scores(self, query_array: np.ndarray, choice_array: np.ndarray, a: np.ndarray, b: np.ndarray,
+                m: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Exact ROUGE-L F1 of every pair (queries[a], choices[b]) in one rapidfuzz call (C++, all cores)."""
+        from rapidfuzz import process
+        from rapidfuzz.distance import Indel
+
+        if not len(a):
+            return np.empty(0)
+        distances = process.cpdist(query_array[a], choice_array[b], scorer=Indel.distance, dtype=np.int32, workers=-1)
+        m, n = m[a], n[b]
+        return _f1_from_lcs((m + n - distances) // 2, m, n)
+
+    def _best_per_query(self, a: np.ndarray, scores: np.ndarray, queries: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, the highest score among its pairs and the index of the first pair with it (-1: none).
+
+        Pairs come sorted by query then item, so the first pair with the highest score is the
+        earliest-added item with it.
+        """
+        best = np.zeros(queries)
+        where = np.full(queries, -1, dtype=np.int64)
+        if len(a):
+            order = np.lexsort((np.arange(len(a)), -scores, a))
+            first = order[np.concatenate([[True], a[order][1:] != a[order][:-1]])]
+            best[a[first]] = scores[first]
+            where[a[first]] = first
+        return best, where
+
+    def _object_array(self, seqs: list[str]) -> np.ndarray:
+        out = np.empty(len(seqs), dtype=object)
+        out[:] = seqs
+        return out
 
     def best_matches(self, texts: list[str]) -> list[tuple[float, str | None]]:
         """Per text, `(highest ROUGE-L F1, pool id)` against the pool; exact above the threshold (class doc)."""
         seqs = [self.encode(text) for text in texts]
-        lengths = self._lengths_array()
-        pairs_a, pairs_b = [], []
-        for i, seq in enumerate(seqs):
-            found = self._pool_candidates(seq, self._prefix(seq), lengths)
-            pairs_a.append(np.full(len(found), i, dtype=np.int64))
-            pairs_b.append(found)
-        scores = self._scores(seqs, self._seq_array, pairs_a, pairs_b)
-        out = []
-        for found, score in zip(pairs_b, scores):
-            if len(found) == 0:
-                out.append((0.0, None))
-                continue
-            best = int(np.argmax(score))
-            out.append((float(score[best]), self._ids[found[best]]))
-        return out
-
-    def _scores(self, queries: list[str], choices, pairs_a: list[np.ndarray],
-                pairs_b: list[np.ndarray]) -> list[np.ndarray]:
-        """Exact ROUGE-L F1 of every pair (queries[a], choices[b]), in one rapidfuzz call; per query.
-
-        `choices` is a list or an object array of sequences (only the indexed ones are read).
-        """
-        from rapidfuzz import process
-        from rapidfuzz.distance import Indel
-
-        sizes = [len(b) for b in pairs_b]
-        if not sum(sizes):
-            return [np.empty(0) for _ in sizes]
-        a = np.concatenate(pairs_a)
-        b = np.concatenate(pairs_b)
-        query_arr = np.empty(len(queries), dtype=object)
-        query_arr[:] = queries
-        if isinstance(choices, np.ndarray):
-            chosen = choices[b]
-        else:
-            chosen = np.empty(len(b), dtype=object)
-            chosen[:] = [choices[j] for j in b.tolist()]
-        distances = process.cpdist(query_arr[a], chosen, scorer=Indel.distance, dtype=np.int32, workers=-1)
-        m = np.fromiter(map(len, queries), dtype=np.int64, count=len(queries))[a]
-        n = np.fromiter(map(len, chosen), dtype=np.int64, count=len(chosen))
-        scores = _f1_from_lcs((m + n - distances) // 2, m, n)
-        return np.split(scores, np.cumsum(sizes)[:-1])
+        if not seqs:
+            return []
+        self._ensure_tables(max(map(len, seqs)))
+        elements = _Elements(seqs, self._rank, self._prefix_sizes)
+        a, b = self._pool_candidates(elements)
+        scores = self._scores(self._object_array(seqs), self._seq_array, a, b, elements.lengths, self._length_array)
+        best, where = self._best_per_query(a, scores, len(seqs))
+        return [(float(s), self._ids[b[w]]) if w >= 0 else (0.0, None) for s, w in zip(best.tolist(), where.tolist())]
 
     # --- greedy filter -----------------------------------------------------------------
 
@@ -365,48 +497,43 @@ class RougeIndex:
 
     def _settle_block(self, block: list[tuple[str, str]]) -> list[tuple[bool, float, str | None]]:
         seqs = [self.encode(text) for _, text in block]
-        lengths = self._lengths_array()
-        block_lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        block_postings: dict[int, list[int]] = {}
-        pool_b, block_b = [], []
-        for i, seq in enumerate(seqs):
-            keys = self._prefix(seq)
-            pool_b.append(self._pool_candidates(seq, keys, lengths))
-            # Earlier items of the same block: the same bounds, on a throwaway index.
-            lists = [block_postings[k] for k in keys if k in block_postings]
-            if lists:
-                found = np.unique(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64))
-                low, high = length_window(len(seq), self.threshold)
-                n = block_lengths[found]
-                block_b.append(found[(n > low) & (n < high)])
-            else:
-                block_b.append(np.empty(0, dtype=np.int64))
-            for key in keys:
-                block_postings.setdefault(key, []).append(i)
-        index_a = [np.full(len(b), i, dtype=np.int64) for i, b in enumerate(pool_b)]
-        pool_scores = self._scores(seqs, self._seq_array, index_a, pool_b)
-        index_a = [np.full(len(b), i, dtype=np.int64) for i, b in enumerate(block_b)]
-        block_scores = self._scores(seqs, seqs, index_a, block_b)
-
+        self._ensure_tables(max(map(len, seqs)))
+        elements = _Elements(seqs, self._rank, self._prefix_sizes)
+        seq_array = self._object_array(seqs)
+        lengths = elements.lengths
         pool_size = len(self._ids)
-        added: list[bool] = []
-        results = []
-        for i, (item_id, text) in enumerate(block):
-            self.pairs_possible += pool_size + i  # the pool before the block, and the block so far
-            self.pairs_compared += len(pool_b[i]) + len(block_b[i])
-            best, best_id = 0.0, None
-            if len(pool_b[i]):
-                j = int(np.argmax(pool_scores[i]))
-                best, best_id = float(pool_scores[i][j]), self._ids[pool_b[i][j]]
-            for j, score in zip(block_b[i].tolist(), block_scores[i].tolist()):
-                if added[j] and score > best:  # earlier in-block items only count if they were added
-                    best, best_id = score, block[j][0]
-            keep = best <= self.threshold
-            added.append(keep)
-            if keep:
-                self._add(item_id, text, seqs[i])
-            results.append((keep, best, best_id))
-        return results
+
+        # Against the pool before the block: one best per item.
+        a, b = self._pool_candidates(elements)
+        scores = self._scores(seq_array, self._seq_array, a, b, lengths, self._length_array)
+        pool_best, where = self._best_per_query(a, scores, len(seqs))
+        pool_best_id = [self._ids[b[w]] if w >= 0 else None for w in where.tolist()]
+        # Against earlier items of the block: the same bounds, on the block's own postings.
+        block_postings = elements.postings(np.arange(len(seqs)))
+        qa, qb = self._candidates([self._matches(block_postings, elements)], lengths, lengths, len(seqs))
+        earlier = qb < qa
+        qa, qb = qa[earlier], qb[earlier]
+        block_scores = self._scores(seq_array, seq_array, qa, qb, lengths, lengths)
+
+        self.pairs_possible += len(seqs) * pool_size + len(seqs) * (len(seqs) - 1) // 2
+        self.pairs_compared += len(a) + len(qa)
+        threshold = self.threshold
+        added = (pool_best <= threshold).tolist()
+        best = pool_best.tolist()
+        best_id = pool_best_id
+        # Settle in order: an earlier item of the block counts only if it was added. Pairs are
+        # sorted by item then partner, so on a tie the pool (checked first) and then the
+        # earliest partner win, as in a sequential scan.
+        for i, j, score in zip(qa.tolist(), qb.tolist(), block_scores.tolist()):
+            if added[j] and score > best[i]:
+                best[i], best_id[i] = score, block[j][0]
+                if score > threshold:
+                    added[i] = False
+        kept = [k for k, keep in enumerate(added) if keep]
+        positions = self._append([block[k] for k in kept], [seqs[k] for k in kept])
+        self._index(positions)
+        self._maybe_reorder()
+        return [(keep, score, item_id) for keep, score, item_id in zip(added, best, best_id)]
 
     # --- exact scores for reports -------------------------------------------------------
 
@@ -419,7 +546,7 @@ class RougeIndex:
         from rapidfuzz import process
         from rapidfuzz.distance import Indel
 
-        lengths = self._lengths_array()
+        lengths = self._length_array
         out: list[tuple[float, str | None]] = []
         for start in range(0, len(positions), chunk):
             rows = positions[start:start + chunk]
