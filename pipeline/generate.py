@@ -21,6 +21,9 @@ Files: `--out` is appended one record per accepted instruction, with its provena
 `<out stem>.rejected.jsonl` gets every parsed candidate that was not accepted, with its reason,
 highest ROUGE-L and nearest neighbour; answers are cached under `--cache-dir`. Rerunning the
 same command resumes from `--out`; `kill -9` loses at most the requests in flight.
+`max_rouge_l` is the index's score: exact above the threshold, a lower bound below it (pool
+members sharing no rare token are never compared), as `filter` documents; `filter` recomputes
+exact scores for its report.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Iterator, Literal
 from pipeline.backends import Request, Response
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
+from pipeline.filter import rejected_path_for
 from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path
 from pipeline.lang import language_of
 from pipeline.prompts import (
@@ -54,6 +58,10 @@ MODE_DEFAULTS = {
     "self-instruct": (6, 2, 8, 512),
     "alpaca": (3, 0, 17, 3072),
 }
+# The local backend generates a batch until its longest row ends, and a small model that loses
+# its way runs to max_tokens: 8 short tasks fit in about 200 tokens, so the local default stops
+# there instead of paying CPU time for rambling.
+LOCAL_MAX_TOKENS = {"self-instruct": 256, "alpaca": 1536}
 ID_PREFIX = "machine_"
 ID_DIGITS = 6  # machine_000123: sorts as text up to a million instructions
 _ID_RE = re.compile(rf"^{ID_PREFIX}(\d+)$")
@@ -92,7 +100,7 @@ class Config:
     prompt_file: str | None = option(None, "prompt template instead of pipeline/prompt_files/generate_<mode>_<api>_<lang>.txt; needs an {examples} slot")
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(0.95, "nucleus sampling")
-    max_tokens: int | None = option(None, "tokens per answer (default: 512 self-instruct, 3072 alpaca)")
+    max_tokens: int | None = option(None, "tokens per answer (default: 512 self-instruct, 3072 alpaca; local backend 256 and 1536)")
     max_requests: int | None = option(None, f"give up after this many requests (default: {AUTO_MAX_REQUESTS_PER_INSTRUCTION} per instruction wanted, at least {AUTO_MAX_REQUESTS_FLOOR})")
     max_tokens_total: int | None = option(None, "stop cleanly once this many tokens (prompt + completion) were spent")
     price_per_1k: float | None = option(None, "dollars per 1,000 tokens, for --budget")
@@ -146,6 +154,8 @@ class Config:
 
     @property
     def answer_tokens(self) -> int:
+        if self.max_tokens is None and self.backend == "local":
+            return LOCAL_MAX_TOKENS[self.mode]
         return _mode_default(self.mode, 3, self.max_tokens)
 
 
@@ -195,11 +205,6 @@ class PromptInfo:
     example_texts: tuple[str, ...]
     first_number: int
     starts_inside: bool
-
-
-def rejected_path_for(out) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.rsplit(".", 1)[0] + ".rejected.jsonl")
 
 
 def request_seed(seed: int, index: int) -> int:
