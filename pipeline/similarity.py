@@ -76,6 +76,15 @@ _INITIAL_CAPACITY = 1024
 _RUN_MERGE_RATIO = 2
 # Re-indexing after a re-count goes this many members at a time to bound temporary memory.
 _REINDEX_CHUNK = 65_536
+_PACK_BITS = 63  # a sort key packed into one non-negative int64
+# Bag sketch: per sequence, how many of its tokens fall in each of this many hash buckets. The
+# sum over buckets of the smaller count bounds the bag overlap from above (collisions only
+# loosen it), in 2*_SKETCH_BUCKETS bytes per pool member; 32 buckets for ~10-40 tokens keeps
+# collisions few, and a vectorised min-sum over 32 columns costs far less than an LCS call.
+_SKETCH_BUCKETS = 32
+_SKETCH_SHIFT = 32 - 5  # top 5 of 32 bits of a multiplicative hash: 32 buckets
+_HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (2^32 / golden ratio)
+_SKETCH_CHUNK = 1 << 20  # pairs per vectorised bound evaluation, to bound temporary memory
 
 
 def _multilingual() -> "object":
@@ -169,19 +178,18 @@ class _Postings:
     contiguous and sorted by the member's length: a length window is one searchsorted range.
     """
 
-    __slots__ = ("keys", "items", "positions")
+    __slots__ = ("keys", "items", "positions", "lengths")
 
-    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray):
+    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray, lengths: np.ndarray):
         order = np.argsort(keys, kind="stable")
-        self.keys, self.items, self.positions = keys[order], items[order], positions[order]
+        self.keys, self.items, self.positions, self.lengths = keys[order], items[order], positions[order], lengths[order]
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @staticmethod
     def merged(first: "_Postings", second: "_Postings") -> "_Postings":
-        return _Postings(np.concatenate([first.keys, second.keys]), np.concatenate([first.items, second.items]),
-                         np.concatenate([first.positions, second.positions]))
+        return _Postings(*(np.concatenate([getattr(first, name), getattr(second, name)]) for name in _Postings.__slots__))
 
 
 class _Elements:
@@ -191,9 +199,9 @@ class _Elements:
     overlap of two element sets is exactly the overlap of the two token bags.
     """
 
-    __slots__ = ("lengths", "owner", "position", "element", "first_copy_token", "prefix")
+    __slots__ = ("lengths", "owner", "position", "element", "first_copy_token", "long", "short")
 
-    def __init__(self, seqs: list[str], rank: np.ndarray, prefix_sizes: np.ndarray):
+    def __init__(self, seqs: list[str], rank: np.ndarray, prefix_sizes: tuple[np.ndarray, np.ndarray]):
         self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         codes = np.frombuffer("".join(seqs).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         tokens = codes - (codes >= _SURROGATES_START) * _SURROGATES_SIZE
@@ -209,13 +217,24 @@ class _Elements:
         self.owner = owner
         self.element = tokens + copy * _COPY_STRIDE
         self.first_copy_token = tokens[new_run]
-        self.prefix = self.position < prefix_sizes[self.lengths][owner] if count else np.zeros(0, dtype=bool)
+        # Two prefixes per sequence (see RougeIndex._ensure_tables): the long one, valid
+        # against any partner, and the short one, valid against partners at least as long.
+        long_sizes, short_sizes = prefix_sizes
+        self.long = self.position < long_sizes[self.lengths][owner]
+        self.short = self.position < short_sizes[self.lengths][owner]
 
-    def postings(self, items: np.ndarray) -> _Postings:
-        """The prefix elements as postings; `items[owner]` is each sequence's pool position."""
-        p = self.prefix
-        lengths = np.minimum(self.lengths[self.owner[p]], _LEN_CAP)
-        return _Postings((self.element[p] << _LEN_BITS) | lengths, items[self.owner[p]], self.position[p])
+    def sketches(self) -> np.ndarray:
+        """Per sequence, its token count in each hash bucket (see _SKETCH_BUCKETS)."""
+        tokens = self.element % _COPY_STRIDE
+        bucket = ((tokens * _HASH_MULTIPLIER) & 0xFFFFFFFF) >> _SKETCH_SHIFT
+        counts = np.bincount(self.owner * _SKETCH_BUCKETS + bucket, minlength=len(self.lengths) * _SKETCH_BUCKETS)
+        return counts.reshape(len(self.lengths), _SKETCH_BUCKETS).astype(np.uint16)
+
+    def postings(self, items: np.ndarray, p: np.ndarray) -> _Postings:
+        """The elements where mask `p` holds as postings; `items[owner]` is each sequence's pool position."""
+        lengths = self.lengths[self.owner[p]]
+        return _Postings((self.element[p] << _LEN_BITS) | np.minimum(lengths, _LEN_CAP), items[self.owner[p]],
+                         self.position[p], lengths)
 
 
 class RougeIndex:
@@ -256,11 +275,13 @@ class RougeIndex:
         # are gathered by fancy indexing in C rather than a Python loop; lengths likewise.
         self._seq_array = np.empty(_INITIAL_CAPACITY, dtype=object)
         self._length_array = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self._sketches = np.zeros((_INITIAL_CAPACITY, _SKETCH_BUCKETS), dtype=np.uint16)
         self._positions: dict[str, int] = {}
         # Postings in runs of decreasing size (merged like a binary counter), so adding a block
         # costs O(log pool) amortised and no sorted array is ever rebuilt whole per block.
         self._runs: list[_Postings] = []
         self._pending: list[int] = []  # pool positions added one by one, indexed at the next query
+        self._encoded: dict[str, str] = {}  # text -> sequence, from prepare_order
         self._tables_for = -1
         self._ensure_tables(_INITIAL_CAPACITY)
         # Pair counts, for reports: every pair the greedy filter could have compared (each item
@@ -301,9 +322,15 @@ class RougeIndex:
         # pool outgrows them; the pool's own counts restart from what it holds.
         self._ordered_at = max(self._ordered_at, len(texts))
         self._doc_freq = pool_counts
+        # Token ids never change, so these encodings stay valid; each is used once, by the
+        # query or add of the same text (tokenizing is a large share of a batch job's time).
+        self._encoded = dict(zip(texts, seqs))
 
     def encode(self, text: str) -> str:
         """The token-id sequence of `text`, one character per token."""
+        seq = self._encoded.pop(text, None)  # already encoded by prepare_order
+        if seq is not None:
+            return seq
         vocab = self._vocab
         return "".join([vocab.get(token) or self._char(token) for token in tokenize(text, self.tokenizer)])
 
@@ -324,8 +351,14 @@ class RougeIndex:
             return
         size = max(2 * length, _INITIAL_CAPACITY) + 1
         t = self.threshold
-        self._prefix_sizes = np.array([max(m - min_shared_tokens(m, t) + 1, 0) if m else 0 for m in range(size)],
-                                      dtype=np.int64)
+        # Long prefix: m - alpha(m) + 1, enough against a partner of any length. Short prefix:
+        # against a partner at least as long the overlap must be at least min_overlap(2m) >=
+        # alpha(m), so m - min_overlap(2m) + 1 elements suffice. A pair is found by probing the
+        # longer member's long prefix against the shorter one's short prefix (AllPairs gets
+        # the same saving by processing records in length order, which a greedy filter cannot).
+        self._prefix_sizes = (
+            np.array([max(m - min_shared_tokens(m, t) + 1, 0) if m else 0 for m in range(size)], dtype=np.int64),
+            np.array([max(m - min_overlap(2 * m, t) + 1, 0) if m else 0 for m in range(size)], dtype=np.int64))
         windows = [length_window(m, t) for m in range(size)]
         self._min_length = np.array([math.floor(low) + 1 for low, _ in windows], dtype=np.int64)
         self._max_length = np.array([math.ceil(high) - 1 if high < _BIG_LENGTH else _BIG_LENGTH
@@ -350,6 +383,8 @@ class RougeIndex:
             seq_array[:start] = self._seq_array[:start]
             self._seq_array = seq_array
             self._length_array = np.concatenate([self._length_array[:start], np.zeros(capacity - start, dtype=np.int64)])
+            self._sketches = np.concatenate([self._sketches[:start],
+                                             np.zeros((capacity - start, _SKETCH_BUCKETS), dtype=np.uint16)])
         self._seq_array[start:end] = seqs if seqs else []
         self._length_array[start:end] = [len(seq) for seq in seqs]
         return list(range(start, end))
@@ -362,12 +397,12 @@ class RougeIndex:
         self._ensure_tables(max(map(len, seqs)))
         elements = _Elements(seqs, self._rank, self._prefix_sizes)
         np.add.at(self._doc_freq, elements.first_copy_token, 1)
-        run = elements.postings(np.asarray(positions, dtype=np.int64))
-        if len(run):
-            self._runs.append(run)
-        while len(self._runs) > 1 and len(self._runs[-1]) * _RUN_MERGE_RATIO >= len(self._runs[-2]):
-            last = self._runs.pop()
-            self._runs[-1] = _Postings.merged(self._runs[-1], last)
+        items = np.asarray(positions, dtype=np.int64)
+        self._sketches[items] = elements.sketches()
+        self._runs.append((elements.postings(items, elements.short), elements.postings(items, elements.long)))
+        while len(self._runs) > 1 and len(self._runs[-1][1]) * _RUN_MERGE_RATIO >= len(self._runs[-2][1]):
+            short, long = self._runs.pop()
+            self._runs[-1] = (_Postings.merged(self._runs[-1][0], short), _Postings.merged(self._runs[-1][1], long))
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -391,15 +426,35 @@ class RougeIndex:
 
     # --- search ------------------------------------------------------------------------
 
-    def _matches(self, postings: _Postings, elements: _Elements) -> tuple[np.ndarray, ...]:
-        """(query, query position, item, item position) of every shared prefix element within the length window."""
-        p = elements.prefix
+    def _matches(self, postings: _Postings, elements: _Elements, p: np.ndarray,
+                 longer: bool) -> tuple[np.ndarray, ...]:
+        """(query, query position, item, item position) of every shared element of the query's prefix `p`
+        and the postings, for items longer than the query (`longer`) or at most as long, within the length window."""
         lengths = elements.lengths[elements.owner[p]]
         base = elements.element[p] << _LEN_BITS
-        low = np.searchsorted(postings.keys, base | np.minimum(self._min_length[lengths], _LEN_CAP))
-        high = np.searchsorted(postings.keys, base | np.minimum(self._max_length[lengths], _LEN_CAP), side="right")
+        if longer:
+            shortest, longest = lengths + 1, self._max_length[lengths]
+        else:
+            shortest, longest = self._min_length[lengths], lengths
+        low = np.searchsorted(postings.keys, base | np.minimum(shortest, _LEN_CAP))
+        high = np.searchsorted(postings.keys, base | np.minimum(longest, _LEN_CAP), side="right")
         rows, found = _expand(low, high - low)
-        return (elements.owner[p][rows], elements.position[p][rows], postings.items[found], postings.positions[found])
+        i, j = elements.position[p][rows], postings.positions[found]
+        # One shared element at (i, j) already bounds the overlap: at most min(i, j) shared
+        # before it, itself, and min(m-1-i, n-1-j) after it. A pair with any match failing this
+        # cannot reach the threshold, so dropping that match (and maybe the pair) changes nothing.
+        m, n = lengths[rows], postings.lengths[found]
+        ok = np.minimum(i, j) + 1 + np.minimum(m - 1 - i, n - 1 - j) >= self._min_overlap[m + n]
+        return elements.owner[p][rows][ok], i[ok], postings.items[found][ok], j[ok]
+
+    def _all_matches(self, runs: list[tuple[_Postings, _Postings]], elements: _Elements) -> list[tuple[np.ndarray, ...]]:
+        """Matches against items at most as long as the query (query's long prefix, their short
+        one) and against longer items (query's short prefix, their long one)."""
+        out = []
+        for short, long in runs:
+            out.append(self._matches(short, elements, elements.long, longer=False))
+            out.append(self._matches(long, elements, elements.short, longer=True))
+        return out
 
     def _candidates(self, matches: list[tuple[np.ndarray, ...]], query_lengths: np.ndarray,
                     item_lengths: np.ndarray, items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -414,23 +469,46 @@ class RougeIndex:
         if not len(query):
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         pair = query * items + np.concatenate([m[2] for m in matches])
-        order = np.argsort(pair, kind="stable")
-        pair = pair[order]
-        starts = np.flatnonzero(np.concatenate([[True], pair[1:] != pair[:-1]]))
-        shared = np.diff(np.append(starts, len(pair)))
-        last_i = np.maximum.reduceat(np.concatenate([m[1] for m in matches])[order], starts)
-        last_j = np.maximum.reduceat(np.concatenate([m[3] for m in matches])[order], starts)
-        a, b = np.divmod(pair[starts], items)
+        i = np.concatenate([m[1] for m in matches])
+        j = np.concatenate([m[3] for m in matches])
+        # The shared elements of a pair have increasing i and j together, so after sorting by
+        # (pair, i, j) the last match of a pair holds both last positions. Packed into one int64
+        # when they fit, one plain sort does it (much faster than argsort and gathers).
+        bits = max(int(max(i.max(), j.max())).bit_length(), 1)
+        if int(pair.max()).bit_length() + 2 * bits <= _PACK_BITS:
+            packed = np.sort((pair << (2 * bits)) | (i << bits) | j)
+            pair = packed >> (2 * bits)
+            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True))
+            last_i = (packed[ends] >> bits) & ((1 << bits) - 1)
+            last_j = packed[ends] & ((1 << bits) - 1)
+        else:
+            order = np.lexsort((i, pair))
+            pair = pair[order]
+            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True))
+            last_i, last_j = i[order][ends], j[order][ends]
+        shared = np.diff(np.concatenate([[-1], ends]))
+        a, b = np.divmod(pair[ends], items)
         m, n = query_lengths[a], item_lengths[b]
         bound = shared + np.minimum(m - 1 - last_i, n - 1 - last_j)
         keep = (bound >= self._min_overlap[m + n]) & (n >= self._min_length[m]) & (n <= self._max_length[m])
         return a[keep], b[keep]
 
+    def _bag_bound(self, a: np.ndarray, b: np.ndarray, query_sketches: np.ndarray, item_sketches: np.ndarray,
+                   query_lengths: np.ndarray, item_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs whose bag-overlap bound (from the sketches) still allows a score above the threshold."""
+        keep = np.empty(len(a), dtype=bool)
+        for start in range(0, len(a), _SKETCH_CHUNK):
+            qa, qb = a[start:start + _SKETCH_CHUNK], b[start:start + _SKETCH_CHUNK]
+            overlap = np.minimum(query_sketches[qa], item_sketches[qb]).sum(axis=1, dtype=np.int64)
+            keep[start:start + _SKETCH_CHUNK] = overlap >= self._min_overlap[query_lengths[qa] + item_lengths[qb]]
+        return a[keep], b[keep]
+
     def _pool_candidates(self, elements: _Elements) -> tuple[np.ndarray, np.ndarray]:
         self._flush()
         size = len(self._ids)
-        matches = [self._matches(run, elements) for run in self._runs]
-        return self._candidates(matches, elements.lengths, self._length_array[:size], max(size, 1))
+        matches = self._all_matches(self._runs, elements)
+        a, b = self._candidates(matches, elements.lengths, self._length_array[:size], max(size, 1))
+        return self._bag_bound(a, b, elements.sketches(), self._sketches, elements.lengths, self._length_array)
 
     def _scores(self, query_array: np.ndarray, choice_array: np.ndarray, a: np.ndarray, b: np.ndarray,
                 m: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -509,10 +587,12 @@ class RougeIndex:
         pool_best, where = self._best_per_query(a, scores, len(seqs))
         pool_best_id = [self._ids[b[w]] if w >= 0 else None for w in where.tolist()]
         # Against earlier items of the block: the same bounds, on the block's own postings.
-        block_postings = elements.postings(np.arange(len(seqs)))
-        qa, qb = self._candidates([self._matches(block_postings, elements)], lengths, lengths, len(seqs))
+        items = np.arange(len(seqs))
+        block_runs = [(elements.postings(items, elements.short), elements.postings(items, elements.long))]
+        qa, qb = self._candidates(self._all_matches(block_runs, elements), lengths, lengths, len(seqs))
         earlier = qb < qa
-        qa, qb = qa[earlier], qb[earlier]
+        sketches = elements.sketches()
+        qa, qb = self._bag_bound(qa[earlier], qb[earlier], sketches, sketches, lengths, lengths)
         block_scores = self._scores(seq_array, seq_array, qa, qb, lengths, lengths)
 
         self.pairs_possible += len(seqs) * pool_size + len(seqs) * (len(seqs) - 1) // 2
