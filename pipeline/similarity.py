@@ -77,13 +77,19 @@ _RUN_MERGE_RATIO = 2
 # Re-indexing after a re-count goes this many members at a time to bound temporary memory.
 _REINDEX_CHUNK = 65_536
 _PACK_BITS = 63  # a sort key packed into one non-negative int64
+# Bits for a token's position in a packed match: sequences up to 4,096 tokens (longer ones
+# make the index fall back to separate arrays).
+_POS_BITS = 12
+_POS_MASK = (1 << _POS_BITS) - 1
 # Bag sketch: per sequence, how many of its tokens fall in each of this many hash buckets. The
 # sum over buckets of the smaller count bounds the bag overlap from above (collisions only
-# loosen it), in 2*_SKETCH_BUCKETS bytes per pool member; 32 buckets for ~10-40 tokens keeps
+# loosen it), in _SKETCH_BUCKETS bytes per pool member (counts saturate at 255, so pairs with a
+# sequence longer than that skip this bound); 32 buckets for ~10-40 tokens keeps
 # collisions few, and a vectorised min-sum over 32 columns costs far less than an LCS call.
 _SKETCH_BUCKETS = 32
 _SKETCH_SHIFT = 32 - 5  # top 5 of 32 bits of a multiplicative hash: 32 buckets
 _HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (2^32 / golden ratio)
+_SKETCH_MAX = 255
 _SKETCH_CHUNK = 1 << 20  # pairs per vectorised bound evaluation, to bound temporary memory
 
 
@@ -163,14 +169,6 @@ def min_overlap(total_length: int, threshold: float) -> int:
     return math.floor(t * total_length / 2) + 1
 
 
-def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ranges [starts[r], starts[r] + counts[r]): (range number, index) of every element."""
-    total = int(counts.sum())
-    rows = np.repeat(np.arange(len(counts)), counts)
-    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rows, np.repeat(starts, counts) + offsets
-
-
 class _Postings:
     """Prefix elements of some pool members, sorted by (element, length) for range lookups.
 
@@ -178,18 +176,21 @@ class _Postings:
     contiguous and sorted by the member's length: a length window is one searchsorted range.
     """
 
-    __slots__ = ("keys", "items", "positions", "lengths")
+    __slots__ = ("keys", "items", "positions", "packed")
 
-    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray, lengths: np.ndarray):
+    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray):
         order = np.argsort(keys, kind="stable")
-        self.keys, self.items, self.positions, self.lengths = keys[order], items[order], positions[order], lengths[order]
+        self.keys, self.items, self.positions = keys[order], items[order], positions[order]
+        # (item, position) in one int64, for the packed match path (valid while positions fit).
+        self.packed = (self.items << (2 * _POS_BITS)) | self.positions
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @staticmethod
     def merged(first: "_Postings", second: "_Postings") -> "_Postings":
-        return _Postings(*(np.concatenate([getattr(first, name), getattr(second, name)]) for name in _Postings.__slots__))
+        return _Postings(*(np.concatenate([getattr(first, name), getattr(second, name)])
+                           for name in ("keys", "items", "positions")))
 
 
 class _Elements:
@@ -228,13 +229,13 @@ class _Elements:
         tokens = self.element % _COPY_STRIDE
         bucket = ((tokens * _HASH_MULTIPLIER) & 0xFFFFFFFF) >> _SKETCH_SHIFT
         counts = np.bincount(self.owner * _SKETCH_BUCKETS + bucket, minlength=len(self.lengths) * _SKETCH_BUCKETS)
-        return counts.reshape(len(self.lengths), _SKETCH_BUCKETS).astype(np.uint16)
+        return np.minimum(counts, _SKETCH_MAX).reshape(len(self.lengths), _SKETCH_BUCKETS).astype(np.uint8)
 
     def postings(self, items: np.ndarray, p: np.ndarray) -> _Postings:
         """The elements where mask `p` holds as postings; `items[owner]` is each sequence's pool position."""
         lengths = self.lengths[self.owner[p]]
         return _Postings((self.element[p] << _LEN_BITS) | np.minimum(lengths, _LEN_CAP), items[self.owner[p]],
-                         self.position[p], lengths)
+                         self.position[p])
 
 
 class RougeIndex:
@@ -275,8 +276,9 @@ class RougeIndex:
         # are gathered by fancy indexing in C rather than a Python loop; lengths likewise.
         self._seq_array = np.empty(_INITIAL_CAPACITY, dtype=object)
         self._length_array = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
-        self._sketches = np.zeros((_INITIAL_CAPACITY, _SKETCH_BUCKETS), dtype=np.uint16)
+        self._sketches = np.zeros((_INITIAL_CAPACITY, _SKETCH_BUCKETS), dtype=np.uint8)
         self._positions: dict[str, int] = {}
+        self._longest = 0  # longest sequence in the pool
         # Postings in runs of decreasing size (merged like a binary counter), so adding a block
         # costs O(log pool) amortised and no sorted array is ever rebuilt whole per block.
         self._runs: list[_Postings] = []
@@ -384,9 +386,10 @@ class RougeIndex:
             self._seq_array = seq_array
             self._length_array = np.concatenate([self._length_array[:start], np.zeros(capacity - start, dtype=np.int64)])
             self._sketches = np.concatenate([self._sketches[:start],
-                                             np.zeros((capacity - start, _SKETCH_BUCKETS), dtype=np.uint16)])
+                                             np.zeros((capacity - start, _SKETCH_BUCKETS), dtype=np.uint8)])
         self._seq_array[start:end] = seqs if seqs else []
         self._length_array[start:end] = [len(seq) for seq in seqs]
+        self._longest = max(self._longest, max(map(len, seqs), default=0))
         return list(range(start, end))
 
     def _index(self, positions: list[int]) -> None:
@@ -426,68 +429,77 @@ class RougeIndex:
 
     # --- search ------------------------------------------------------------------------
 
-    def _matches(self, postings: _Postings, elements: _Elements, p: np.ndarray,
-                 longer: bool) -> tuple[np.ndarray, ...]:
-        """(query, query position, item, item position) of every shared element of the query's prefix `p`
-        and the postings, for items longer than the query (`longer`) or at most as long, within the length window."""
-        lengths = elements.lengths[elements.owner[p]]
+    def _packing(self, queries: np.ndarray, items: int) -> int | None:
+        """Bits for an item number when (query, item, i, j) of a match fit one int64 (then a match
+        is one packed integer and grouping is one plain sort); None when they do not."""
+        item_bits = max(items, 1).bit_length()
+        longest = max(self._longest, int(queries.max(initial=0)))
+        if longest > 1 << _POS_BITS or len(queries).bit_length() + item_bits + 2 * _POS_BITS > _PACK_BITS:
+            return None
+        return item_bits
+
+    def _matches(self, postings: _Postings, elements: _Elements, p: np.ndarray, longer: bool,
+                 packing: int | None):
+        """Every shared element of the queries' prefix `p` and the postings, for items longer than
+        the query (`longer`) or at most as long, within the length window: (query, i, item, j)
+        arrays (i, j: the element's positions), or those packed into one int64 each."""
+        owner, position = elements.owner[p], elements.position[p]
+        lengths = elements.lengths[owner]
         base = elements.element[p] << _LEN_BITS
         if longer:
             shortest, longest = lengths + 1, self._max_length[lengths]
         else:
             shortest, longest = self._min_length[lengths], lengths
-        low = np.searchsorted(postings.keys, base | np.minimum(shortest, _LEN_CAP))
-        high = np.searchsorted(postings.keys, base | np.minimum(longest, _LEN_CAP), side="right")
-        rows, found = _expand(low, high - low)
-        i, j = elements.position[p][rows], postings.positions[found]
-        # One shared element at (i, j) already bounds the overlap: at most min(i, j) shared
-        # before it, itself, and min(m-1-i, n-1-j) after it. A pair with any match failing this
-        # cannot reach the threshold, so dropping that match (and maybe the pair) changes nothing.
-        m, n = lengths[rows], postings.lengths[found]
-        ok = np.minimum(i, j) + 1 + np.minimum(m - 1 - i, n - 1 - j) >= self._min_overlap[m + n]
-        return elements.owner[p][rows][ok], i[ok], postings.items[found][ok], j[ok]
+        lowest = base | np.minimum(shortest, _LEN_CAP)
+        # numpy's binary search narrows from the previous answer when the needles ascend, so
+        # sorted needles walk the postings once instead of jumping across them.
+        order = np.argsort(lowest)
+        owner, position, lowest = owner[order], position[order], lowest[order]
+        low = np.searchsorted(postings.keys, lowest)
+        counts = np.searchsorted(postings.keys, (base | np.minimum(longest, _LEN_CAP))[order], side="right") - low
+        found = np.repeat(low - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        if packing is not None:
+            head = (owner << (packing + 2 * _POS_BITS)) | (position << _POS_BITS)
+            return np.repeat(head, counts) | postings.packed[found]
+        return np.repeat(owner, counts), np.repeat(position, counts), postings.items[found], postings.positions[found]
 
-    def _all_matches(self, runs: list[tuple[_Postings, _Postings]], elements: _Elements) -> list[tuple[np.ndarray, ...]]:
+    def _all_matches(self, runs: list[tuple[_Postings, _Postings]], elements: _Elements, packing: int | None) -> list:
         """Matches against items at most as long as the query (query's long prefix, their short
         one) and against longer items (query's short prefix, their long one)."""
         out = []
         for short, long in runs:
-            out.append(self._matches(short, elements, elements.long, longer=False))
-            out.append(self._matches(long, elements, elements.short, longer=True))
+            out.append(self._matches(short, elements, elements.long, False, packing))
+            out.append(self._matches(long, elements, elements.short, True, packing))
         return out
 
-    def _candidates(self, matches: list[tuple[np.ndarray, ...]], query_lengths: np.ndarray,
-                    item_lengths: np.ndarray, items: int) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, matches: list, query_lengths: np.ndarray, item_lengths: np.ndarray, items: int,
+                    packing: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Pairs (query, item) that pass the length and positional bounds, sorted by query then item.
 
         For a pair, the shared prefix elements are exactly its shared elements up to the last of
         them, w (both prefixes hold everything before w in the order); the rest of the overlap
         lies after w in both sequences, so overlap <= shared prefix count + min(m-1-i, n-1-j),
-        where w sits at i and j (PPJoin's positional filter).
+        where w sits at i and j (PPJoin's positional filter). The shared elements of a pair have
+        increasing i and j together, so after sorting by (pair, i) the last match holds both.
         """
-        query = np.concatenate([m[0] for m in matches]) if matches else np.empty(0, dtype=np.int64)
-        if not len(query):
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        pair = query * items + np.concatenate([m[2] for m in matches])
-        i = np.concatenate([m[1] for m in matches])
-        j = np.concatenate([m[3] for m in matches])
-        # The shared elements of a pair have increasing i and j together, so after sorting by
-        # (pair, i, j) the last match of a pair holds both last positions. Packed into one int64
-        # when they fit, one plain sort does it (much faster than argsort and gathers).
-        bits = max(int(max(i.max(), j.max())).bit_length(), 1)
-        if int(pair.max()).bit_length() + 2 * bits <= _PACK_BITS:
-            packed = np.sort((pair << (2 * bits)) | (i << bits) | j)
-            pair = packed >> (2 * bits)
-            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True))
-            last_i = (packed[ends] >> bits) & ((1 << bits) - 1)
-            last_j = packed[ends] & ((1 << bits) - 1)
+        empty = np.empty(0, dtype=np.int64)
+        if packing is not None:
+            packed = np.sort(np.concatenate(matches)) if matches else empty
+            pair = packed >> (2 * _POS_BITS)
+            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True)) if len(pair) else empty
+            last = packed[ends]
+            last_i, last_j = (last >> _POS_BITS) & _POS_MASK, last & _POS_MASK
+            a, b = pair[ends] >> packing, pair[ends] & ((1 << packing) - 1)
         else:
+            query = np.concatenate([m[0] for m in matches]) if matches else empty
+            pair = query * items + (np.concatenate([m[2] for m in matches]) if matches else empty)
+            i = np.concatenate([m[1] for m in matches]) if matches else empty
             order = np.lexsort((i, pair))
             pair = pair[order]
-            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True))
-            last_i, last_j = i[order][ends], j[order][ends]
+            ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True)) if len(pair) else empty
+            last_i, last_j = i[order][ends], np.concatenate([m[3] for m in matches])[order][ends] if matches else empty
+            a, b = np.divmod(pair[ends], items)
         shared = np.diff(np.concatenate([[-1], ends]))
-        a, b = np.divmod(pair[ends], items)
         m, n = query_lengths[a], item_lengths[b]
         bound = shared + np.minimum(m - 1 - last_i, n - 1 - last_j)
         keep = (bound >= self._min_overlap[m + n]) & (n >= self._min_length[m]) & (n <= self._max_length[m])
@@ -499,15 +511,18 @@ class RougeIndex:
         keep = np.empty(len(a), dtype=bool)
         for start in range(0, len(a), _SKETCH_CHUNK):
             qa, qb = a[start:start + _SKETCH_CHUNK], b[start:start + _SKETCH_CHUNK]
+            m, n = query_lengths[qa], item_lengths[qb]
             overlap = np.minimum(query_sketches[qa], item_sketches[qb]).sum(axis=1, dtype=np.int64)
-            keep[start:start + _SKETCH_CHUNK] = overlap >= self._min_overlap[query_lengths[qa] + item_lengths[qb]]
+            keep[start:start + _SKETCH_CHUNK] = ((overlap >= self._min_overlap[m + n])
+                                                 | (m > _SKETCH_MAX) | (n > _SKETCH_MAX))
         return a[keep], b[keep]
 
     def _pool_candidates(self, elements: _Elements) -> tuple[np.ndarray, np.ndarray]:
         self._flush()
         size = len(self._ids)
-        matches = self._all_matches(self._runs, elements)
-        a, b = self._candidates(matches, elements.lengths, self._length_array[:size], max(size, 1))
+        packing = self._packing(elements.lengths, size)
+        matches = self._all_matches(self._runs, elements, packing)
+        a, b = self._candidates(matches, elements.lengths, self._length_array[:size], size, packing)
         return self._bag_bound(a, b, elements.sketches(), self._sketches, elements.lengths, self._length_array)
 
     def _scores(self, query_array: np.ndarray, choice_array: np.ndarray, a: np.ndarray, b: np.ndarray,
@@ -589,7 +604,8 @@ class RougeIndex:
         # Against earlier items of the block: the same bounds, on the block's own postings.
         items = np.arange(len(seqs))
         block_runs = [(elements.postings(items, elements.short), elements.postings(items, elements.long))]
-        qa, qb = self._candidates(self._all_matches(block_runs, elements), lengths, lengths, len(seqs))
+        packing = self._packing(lengths, len(seqs))
+        qa, qb = self._candidates(self._all_matches(block_runs, elements, packing), lengths, lengths, len(seqs), packing)
         earlier = qb < qa
         sketches = elements.sketches()
         qa, qb = self._bag_bound(qa[earlier], qb[earlier], sketches, sketches, lengths, lengths)
