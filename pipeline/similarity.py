@@ -16,13 +16,27 @@ was kept, query a batch), by `mix` (dedup across sources) and by `eval` (the tok
   (`process.cpdist` with `Indel.distance`, all cores) compares whole blocks of pairs in one call.
 
 Pruning never changes a decision. A pair (a, b) of lengths m, n can only score above t if
-2*min(m,n)/(m+n) > t (length bound) and 2*|bag(a) & bag(b)|/(m+n) > t (an LCS is a common
-sub-multiset). The second implies that they share at least alpha(m) = floor(t*m/(2-t)) + 1
-tokens, counted with multiplicity, so when every sequence's tokens (the k-th copy of a token
-being its own element) are sorted by one global order, rarest first, the two must share an
-element among the first m - alpha(m) + 1 of a and the first n - alpha(n) + 1 of b (prefix
-filtering, as in AllPairs / PPJoin). Only those prefixes are indexed, so a query touches
-postings of rare tokens and the work grows with real near-neighbours, not with the pool squared.
+2*min(m,n)/(m+n) > t (length bound) and they share at least min_overlap(m+n) =
+floor(t*(m+n)/2) + 1 tokens counted with multiplicity (an LCS is a common sub-multiset). Each
+sequence's tokens (the k-th copy of a token being its own element) are sorted by one global
+order, rarest first (counted by `prepare_order`, or re-counted as the pool doubles; tokens
+unseen at the last count sort first). Then, per block of candidates, all in numpy:
+
+1. Prefix filter (AllPairs / PPJoin): two sequences that can score above t share an element
+   in their prefixes. The long prefix, m - alpha(m) + 1 with alpha(m) = floor(t*m/(2-t)) + 1,
+   is enough against any partner; against a partner at least as long, the short prefix
+   m - min_overlap(2m) + 1 is. Both are indexed, as postings sorted by (element, length), and a
+   block probes the longer member's long prefix against the shorter one's short prefix, each
+   length window being one searchsorted range (length filter).
+2. Positional filter (PPJoin): the shared prefix elements of a pair are all its shared elements
+   up to the last of them, which sits at i and j, so overlap <= their count + min(m-1-i, n-1-j).
+3. Bag bound: per sequence, token counts in 32 hash buckets; the sum of bucket-wise minima
+   bounds the overlap from above. It removes most surviving pairs for a few bytes each.
+4. The rest get the exact LCS in one rapidfuzz call per block; then the block settles in order
+   (an earlier item of the block counts only once it is kept), as the sequential greedy does.
+
+The work grows with the pairs that share a rare-enough token, not with the pool squared; on
+text whose every word is common it still grows about quadratically (see bench/bench_filter.py).
 """
 
 from __future__ import annotations

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, tokenizers
 
-from pipeline.similarity import RougeIndex, length_window, min_shared_tokens, rouge_l, tokenize
+from pipeline import similarity
+from pipeline.similarity import RougeIndex, length_window, min_overlap, min_shared_tokens, rouge_l, tokenize
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 
@@ -118,6 +121,9 @@ def test_bounds_never_prune_a_pair_above_the_threshold():
                         low, high = length_window(m, t)
                         assert low < n < high
                         assert overlap >= max(min_shared_tokens(m, t), min_shared_tokens(n, t))
+                        assert overlap >= min_overlap(m + n, t)
+                        # the shorter member's short prefix is enough (RougeIndex._ensure_tables)
+                        assert overlap >= min_overlap(2 * min(m, n), t)
 
 
 def brute_best(pool: list[tuple[str, str]], text: str, tokenizer: str) -> tuple[float, str | None]:
@@ -216,3 +222,46 @@ def test_japanese_duplicates_in_the_index():
     rouge_only = RougeIndex(0.7, "rouge")
     rouge_only.add("seed", "次の文章を英語に翻訳してください。")
     assert rouge_only.add_unless_similar([("a", "次の文章を英語に翻訳してください。")])[0][0] is True
+
+
+words = st.lists(st.sampled_from([f"w{i}" for i in range(30)]), min_size=1, max_size=12).map(" ".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(words, min_size=1, max_size=40), threshold=st.sampled_from([0.5, 0.7]),
+       block_size=st.sampled_from([1, 3, 16]), packed=st.booleans())
+def test_greedy_equals_naive_with_new_tokens_after_reorders_and_without_packing(texts, threshold, block_size, packed):
+    # No order hint: the pool re-counts its order as it doubles, and tokens first seen after a
+    # re-count must still sort consistently. `packed=False` forces the general match path
+    # (taken for sequences over 4,096 tokens) by leaving no bits to pack into.
+    items = [(f"m{i}", t) for i, t in enumerate(texts)]
+    index = RougeIndex(threshold, "rouge", block_size=block_size)
+    with mock.patch.object(similarity, "_PACK_BITS", similarity._PACK_BITS if packed else 0):
+        got = index.add_unless_similar(items)
+    expected = naive_greedy([], items, threshold, "rouge")
+    assert [(k, s if not k else None, i if not k else None) for k, s, i in got] == expected
+
+
+@given(st.lists(st.integers(0, 40), max_size=60), st.lists(st.integers(0, 40), max_size=60))
+def test_sketch_bound_is_never_below_the_bag_overlap(a, b):
+    index = RougeIndex(0.7, "rouge")
+    seqs = [index.encode(" ".join(f"t{x}" for x in a)), index.encode(" ".join(f"t{x}" for x in b))]
+    elements = similarity._Elements(seqs, index._rank, index._prefix_sizes)
+    sketches = elements.sketches().astype(int)
+    bound = sum(min(x, y) for x, y in zip(sketches[0], sketches[1]))
+    assert bound >= sum((Counter(a) & Counter(b)).values())
+
+
+def test_long_sequences_take_the_general_paths():
+    # Over 255 tokens the sketch saturates and is skipped; over 4,096 matches are not packed.
+    rng = __import__("random").Random(5)
+    long_text = " ".join(f"x{rng.randrange(3000)}" for _ in range(5000))
+    edited = long_text.split()
+    edited[100] = "changed"
+    medium = " ".join(f"y{rng.randrange(50)}" for _ in range(300))
+    index = RougeIndex(0.7, "rouge", block_size=4)
+    results = index.add_unless_similar([("long", long_text), ("medium", medium), ("edit", " ".join(edited)),
+                                        ("medium2", medium + " extra"), ("short", "a short one")])
+    assert [keep for keep, _, _ in results] == [True, True, False, False, True]
+    assert results[2][1:] == (rouge_l(edited, long_text.split()), "long")
+    assert results[3][2] == "medium"
