@@ -6,7 +6,8 @@
 The decision rule is the Self-Instruct / Alpaca one: the seeds start the pool; in input order,
 a candidate is dropped if its highest ROUGE-L F1 (beta 1, no stemming) against the pool is
 above `--threshold`, else it joins the pool at once. `pipeline.similarity.RougeIndex` makes that
-exact and fast (blocks of pairs in rapidfuzz's C++, pruned by length and shared-token bounds).
+exact and fast (prefix, length, positional and bag-overlap bounds in numpy, then blocks of pairs
+in rapidfuzz's C++ for the exact LCS).
 Before it, named heuristics drop what a text-only model cannot use (`--no-heuristics` turns
 them off). No check rejects non-ASCII text.
 
