@@ -274,7 +274,17 @@ class OpenAIClient:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
+
+        async def shutdown():
+            # Requests still in flight (Ctrl-C, an error) are cancelled and awaited: a task left
+            # pending when the loop closes prints "Task was destroyed but it is pending!".
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._client.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

@@ -9,6 +9,7 @@ functions that need them, so `--help` and the filter start in a fraction of a se
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -48,18 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     module = args._module
+    message = code = None
     try:
         cfg = from_args(module.Config, args)
         module.run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        message, code = f"error: {e}", EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\ninterrupted: outputs written so far are valid; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        message, code = "interrupted: outputs written so far are valid; rerun the same command to resume", EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
-    return 0
+    if message is None:
+        return 0
+    # The stage's frames are gone now; collecting them closes its progress bars, which print
+    # their last state as they close, so the message comes after them, as the last line.
+    gc.collect()
+    sys.stderr.flush()
+    print(f"\n{message}" if code == EXIT_INTERRUPTED else message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

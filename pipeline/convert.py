@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Literal
 from pipeline import convert_templates as templates
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import UserError
-from pipeline.jsonl import check_output_path, write_jsonl_atomic
+from pipeline.jsonl import check_output_path, read_records, write_jsonl_atomic
 from pipeline.lang import language_of
 
 KINDS = ("qa", "translation", "classification", "summarization", "dialogue")
@@ -480,6 +480,11 @@ def convert_rows(cfg: Config, rows, columns: list[str], features: dict | None = 
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.monotonic()
     out = check_output_path(cfg.out, "--out")
+    in_path = Path(cfg.in_path)
+    if in_path.suffix.lower() == ".jsonl" and in_path.is_file():
+        # datasets' errors name a byte position at best; ours name the line, before datasets is even imported.
+        for _ in read_records(in_path):
+            pass
     with open_dataset(cfg) as ds:
         if len(ds) == 0:
             raise UserError(f"--in {cfg.in_path}: no rows")

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline.backends import Request, Response
+from pipeline.backends import Request, Response, backend_options_from
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
 from pipeline.filter import rejected_path_for
@@ -143,6 +143,7 @@ class Config:
                 raise UserError("--budget: needs --price-per-1k to turn tokens into dollars")
             if not self.budget > 0:
                 raise UserError(f"--budget: must be more than 0 dollars, got {self.budget}")
+        backend_options_from(self)  # the backend flags fail here, before any output is opened
 
     @property
     def examples_per_prompt(self) -> tuple[int, int]:
@@ -241,9 +242,7 @@ class Generator:
                               instance.output if instance else "")
             self.seeds_by_language.setdefault(task.language, []).append(example)
         if cfg.language != "all":
-            if cfg.language not in self.seeds_by_language:
-                raise UserError(f"--language {cfg.language}: {cfg.seeds} has no {cfg.language} seed tasks "
-                                f"(it has {', '.join(sorted(self.seeds_by_language))})")
+            check_language(cfg, seeds)
             self.seeds_by_language = {cfg.language: self.seeds_by_language[cfg.language]}
         self.languages = sorted(self.seeds_by_language)
         self.language_weights = [len(self.seeds_by_language[lang]) for lang in self.languages]
@@ -421,6 +420,13 @@ def budget_reason(cfg: Config, stats: Stats) -> str | None:
     return None
 
 
+def check_language(cfg: Config, seeds: list[SeedTask]) -> None:
+    languages = {task.language for task in seeds}
+    if cfg.language != "all" and cfg.language not in languages:
+        raise UserError(f"--language {cfg.language}: {cfg.seeds} has no {cfg.language} seed tasks "
+                        f"(it has {', '.join(sorted(languages))})")
+
+
 def run(cfg: Config, *, client=None) -> Stats:
     from pipeline.cache import CachedClient
 
@@ -429,29 +435,32 @@ def run(cfg: Config, *, client=None) -> Stats:
     rejected_out = check_output_path(rejected_path_for(out), "--out")
     if cfg.prompt_file:
         load_template(cfg.mode, cfg.api, "en", cfg.prompt_file)  # a bad --prompt-file fails before any work
+    check_language(cfg, seeds)
     started = time.monotonic()
-    with AppendLog(out, INSTRUCTION_FIELDS) as log, AppendLog(rejected_out) as rejected_log:
-        gen = Generator(cfg, seeds, log, rejected_log)
-        write_resolved_config(cfg, out)
-        stats = gen.stats
-        if gen.done:
-            print(f"{out} already holds {stats.resumed} instructions (--num-instructions {cfg.num_instructions}); nothing to do")
-            stats.stopped = "done"
-            return stats
-        owned = client is None
-        if owned:
-            from pipeline.backends import backend_options_from, make_client
+    owned = client is None
+    if owned:  # before any output is opened: a model that fails to load leaves nothing behind
+        from pipeline.backends import make_client
 
-            client = make_client(backend_options_from(cfg))
-        cached = CachedClient(client, Path(cfg.cache_dir), enabled=cfg.cache)
-        try:
-            _loop(cfg, gen, cached, max_requests_for(cfg, cfg.num_instructions - stats.resumed))
-        finally:
-            totals = cached.totals
-            stats.retries = totals.retries
-            stats.seconds = time.monotonic() - started
-            if owned:
-                client.close()
+        client = make_client(backend_options_from(cfg))
+    try:
+        with AppendLog(out, INSTRUCTION_FIELDS) as log, AppendLog(rejected_out) as rejected_log:
+            gen = Generator(cfg, seeds, log, rejected_log)
+            write_resolved_config(cfg, out)
+            stats = gen.stats
+            if gen.done:
+                print(f"{out} already holds {stats.resumed} instructions (--num-instructions {cfg.num_instructions}); nothing to do")
+                stats.stopped = "done"
+                return stats
+            cached = CachedClient(client, Path(cfg.cache_dir), enabled=cfg.cache)
+            try:
+                _loop(cfg, gen, cached, max_requests_for(cfg, cfg.num_instructions - stats.resumed))
+            finally:
+                totals = cached.totals
+                stats.retries = totals.retries
+                stats.seconds = time.monotonic() - started
+    finally:
+        if owned:
+            client.close()
     print_summary(cfg, stats, out, rejected_out)
     if stats.stopped == "max_requests":
         raise UserError(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.config import option
 from pipeline.errors import UserError
-from pipeline.jsonl import atomic_write, check_output_path, load_records, read_records
+from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, read_records
 from pipeline.lang import language_of, text_length
 
 HISTOGRAM_BINS = 20  # 0.05-wide bins over ROUGE-L 0..1, as in the paper's Figure 3
@@ -41,6 +41,12 @@ QUESTION_WORDS = {"what", "who", "whom", "whose", "which", "when", "where", "why
 # (要約する, 翻訳する): that noun names the task. Others (書いてください) keep their stem.
 JA_SURU_VERB = re.compile(r"([一-龯々ァ-ヶー]+)(?:してください|して下さい|しなさい|してほしい|せよ|して|する)")
 JA_OTHER_VERB = re.compile(r"([一-龯々]+[ぁ-ん]{0,2}?)(?:てください|でください|なさい|て|で)[。．!！]?\s*$")
+
+# The two record shapes every stage writes: an instruction record (seed tasks add `instances`),
+# or a chat conversation. Anything else would be summarised as empty text, silently.
+INSTRUCTION_RECORD = {"instruction": (str, True, False), "input": (str, False, False), "output": (str, False, False),
+                      "instances": (list, False, False)}
+CHAT_RECORD = {"messages": (list, True, False)}
 
 
 @dataclass(frozen=True)
@@ -356,7 +362,8 @@ def render_html(summary: dict, records: list[dict], plots: dict[str, str], cfg: 
 
 def run(cfg: Config) -> dict:
     path = Path(cfg.file)
-    records = load_records(path)
+    records = load_records(path, validate=lambda record, line: check_fields(
+        record, CHAT_RECORD if "messages" in record else INSTRUCTION_RECORD, path, line))
     if cfg.html:
         check_output_path(cfg.html, "--html")
     run_dir = Path(cfg.run) if cfg.run else None

@@ -162,6 +162,21 @@ def check_output_path(path, flag: str) -> Path:
     return path
 
 
+def check_output_folder(path, flag: str) -> Path:
+    """Fail early, naming the flag, if folder `path` cannot be made or written (missing parents are fine)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, expected a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+    return path
+
+
 class AppendLog:
     """An append-only JSONL output that survives `kill -9`: one flushed line per record.
 

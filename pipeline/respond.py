@@ -90,7 +90,7 @@ class Config:
             raise UserError(f"--instances-per-instruction: must be at least 1, got {self.instances_per_instruction}")
         if self.max_output_words < 1:
             raise UserError(f"--max-output-words: must be at least 1, got {self.max_output_words}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise UserError(f"--temperature: must be 0 or more, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p: must be in (0, 1], got {self.top_p}")
@@ -317,19 +317,20 @@ def run(cfg: Config, *, client=None) -> Stats:
     tasks_by_id = {task.id: task for task in tasks}
     stats = Stats(instructions=len(tasks))
     own_client = client is None
-    with AppendLog(out) as kept, AppendLog(rejected_path) as rejected:
-        check_resumable(kept.records, cfg.format, out)
-        check_resumable(rejected.records, "alpaca", rejected_path)  # rejects are always alpaca-shaped
-        ledger = build_ledger(kept.records, rejected.records, tasks_by_id)
-        stats.resumed = len(ledger.done)
-        if own_client:
-            client = _make_client(cfg)
-        try:
+    # The client first: a model that fails to load must not leave empty output files behind.
+    if own_client:
+        client = _make_client(cfg)
+    try:
+        with AppendLog(out) as kept, AppendLog(rejected_path) as rejected:
+            check_resumable(kept.records, cfg.format, out)
+            check_resumable(rejected.records, "alpaca", rejected_path)  # rejects are always alpaca-shaped
+            ledger = build_ledger(kept.records, rejected.records, tasks_by_id)
+            stats.resumed = len(ledger.done)
             _decide(tasks, ledger, seeds, cfg, client, stats)
             _respond(tasks, ledger, seeds, cfg, client, stats, kept, rejected)
-        finally:
-            if own_client:
-                client.close()
+    finally:
+        if own_client:
+            client.close()
     k = cfg.instances_per_instruction
     stats.instructions_done = sum(all(instance_id(t.id, i) in ledger.done for i in range(k)) for t in tasks)
     totals = client.totals
