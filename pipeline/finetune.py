@@ -44,7 +44,7 @@ from typing import Literal
 
 from pipeline.config import option, to_dict
 from pipeline.errors import UserError
-from pipeline.jsonl import AppendLog, read_records, write_json_atomic, write_jsonl_atomic
+from pipeline.jsonl import AppendLog, check_output_folder, read_records, write_json_atomic, write_jsonl_atomic
 from pipeline.templates import IGNORE_INDEX, TEMPLATES, EncodedExample, encode_example
 
 # Length-grouped batching sorts records by length inside windows of this many batches, so a
@@ -443,8 +443,7 @@ def run(cfg: Config, *, client=None) -> Stats:
     started = time.time()
     output_dir = Path(cfg.output_dir)
     records = load_training_records(cfg.data, cfg.template)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir}: is a file")
+    check_output_folder(output_dir, "--output-dir")  # before the model loads
     resume_from = None
     if cfg.resume:
         found = checkpoints(output_dir)
