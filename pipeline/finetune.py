@@ -31,6 +31,7 @@ Outputs in `--output-dir`: the model and tokenizer (safetensors), `train_config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -64,12 +65,18 @@ RESUME_MUST_MATCH = ("data", "model", "template", "max_length", "batch_size", "g
                      "lora", "val_fraction", "seed", "epochs", "max_steps")
 
 
+# `--template auto` picks chat for files holding conversations (what `convert --kind dialogue`
+# and `mix` write), since only the chat template can express several turns.
+AUTO_TEMPLATE = "auto"
+
+
 @dataclass(frozen=True)
 class Config:
     data: str = option("data/alpaca_data.jsonl", "training records (Alpaca JSONL, or chat `messages` JSONL with --template chat)")
     output_dir: str = option("runs/sft", "where the model, metrics and plots go")
     model: str = option("SmolLM2-135M-Instruct", "base model: the embedded SmolLM2-135M-Instruct or a local Hugging Face folder")
-    template: Literal["alpaca", "chat"] = option("alpaca", "prompt template: Stanford Alpaca's, or the tokenizer's chat template")
+    template: Literal["auto", "alpaca", "chat"] = option("auto", "prompt template: Stanford Alpaca's, or the tokenizer's chat "
+                                                         "template; auto: chat when any record is a `messages` conversation, else alpaca")
     epochs: int = option(3, "passes over the training records (Alpaca: 3)")
     max_steps: int = option(-1, "stop after this many optimizer steps (-1: run all epochs)")
     lr: float = option(2e-5, "peak learning rate (Alpaca: 2e-5 for full fine-tuning; LoRA wants ~1e-4..1e-3)")
@@ -92,7 +99,7 @@ class Config:
     device: str = option("auto", "cuda, cpu, mps or auto (under torchrun/accelerate the launcher decides)")
 
     def __post_init__(self):
-        if self.template not in TEMPLATES:
+        if self.template != AUTO_TEMPLATE and self.template not in TEMPLATES:
             raise UserError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATES)}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
@@ -138,7 +145,7 @@ def check_record(record: dict, line: int, path, template: str) -> None:
 
     if "messages" in record:
         messages = record["messages"]
-        if template != "chat":
+        if template not in ("chat", AUTO_TEMPLATE):
             raise InputError(path, line, "messages", "chat records need --template chat")
         if not isinstance(messages, list) or not messages:
             raise InputError(path, line, "messages", "expected a non-empty list")
@@ -443,6 +450,9 @@ def run(cfg: Config, *, client=None) -> Stats:
     started = time.time()
     output_dir = Path(cfg.output_dir)
     records = load_training_records(cfg.data, cfg.template)
+    if cfg.template == AUTO_TEMPLATE:
+        # Resolved here so train_config.json (which eval reads) names the template really used.
+        cfg = dataclasses.replace(cfg, template="chat" if any("messages" in r for r in records) else "alpaca")
     check_output_folder(output_dir, "--output-dir")  # before the model loads
     resume_from = None
     if cfg.resume:

@@ -6,8 +6,8 @@
 - Sources are read whole and validated first: each line is an Alpaca record (`instruction`,
   optional `input`, `output`) or a chat record (`messages`: role / content turns with a user
   turn). Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
-  `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune` (chat records
-  need its chat template: `make finetune DATA=data/train.jsonl TEMPLATE=chat`). (A generic
+  `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune` (whose default
+  `--template auto` picks the chat template for files with chat records). (A generic
   reader that wants one schema per file, such as `datasets.load_dataset("json")` in older
   versions, may refuse it: mix chat and Alpaca data in separate files for those.)
 - Deduplication across sources, with the near-duplicate index of the filter stage

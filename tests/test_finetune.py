@@ -236,6 +236,8 @@ def test_bad_record_names_line_and_field(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(InputError, match="--template chat"):
+        run(fast(chat, tmp_path / "out", model=str(tiny_model_dir), template="alpaca"))
+    with pytest.raises(InputError, match=r"chat.jsonl:1: messages: no assistant turn"):
         run(fast(chat, tmp_path / "out", model=str(tiny_model_dir)))
 
 
@@ -250,8 +252,10 @@ def test_chat_messages_records_train(tiny, tiny_model_dir, tmp_path):
                       {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
         {"instruction": "Name a colour.", "output": "Red."},
     ]
+    # The default template (auto) picks chat because the file holds a conversation.
     stats = run(fast(write_jsonl(tmp_path / "chat.jsonl", records), tmp_path / "out", model=str(tiny_model_dir),
-                     template="chat", max_steps=1))
+                     max_steps=1))
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["config"]["template"] == "chat"
     # One step sees both records; only the assistant answers (with end-of-turn) are trained.
     assert stats.trained_tokens == sum(encode_example(r, tiny[1], "chat", 512).num_trained_tokens for r in records)
     assert (tmp_path / "out" / "model.safetensors").exists()
