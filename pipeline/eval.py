@@ -39,7 +39,7 @@ from pipeline.config import option, to_dict, write_resolved_config
 from pipeline.errors import InputError, UserError
 from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, write_json_atomic, write_jsonl_atomic
 from pipeline.lang import language_of
-from pipeline.seeds import DEFAULT_SEEDS, load_seeds
+from pipeline.seeds import DEFAULT_SEEDS, instance_records, load_seeds
 
 DEFAULT_TEMPLATE = "alpaca"
 # Stanford Alpaca's training length; used when the model folder does not say what it was trained with.
@@ -132,8 +132,7 @@ def load_eval_records(cfg: Config) -> list[dict]:
     if cfg.predictions is not None:
         records = load_records(cfg.predictions, PREDICTION_FIELDS)
     elif cfg.data == SEEDS_DATA:
-        records = [{"id": f"{task.id}#{i}", "instruction": task.instruction, "input": inst.input, "output": inst.output}
-                   for task in load_seeds(cfg.seeds) for i, inst in enumerate(task.instances)]
+        records = instance_records(load_seeds(cfg.seeds))
     else:
         records = load_records(cfg.data, validate=_data_validator(cfg.data))
     if cfg.limit is not None:

@@ -5,7 +5,8 @@
 
 - Sources are read whole and validated first: each line is an Alpaca record (`instruction`,
   optional `input`, `output`) or a chat record (`messages`: role / content turns with a user
-  turn). Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
+  turn); a seed-task file (`seeds/seed_tasks.jsonl`) gives one record per human-written
+  instance, so `make demo` trains on the generated data plus the seeds' demonstrations. Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
   `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune` (whose default
   `--template auto` picks the chat template for files with chat records). (A generic
   reader that wants one schema per file, such as `datasets.load_dataset("json")` in older
@@ -34,6 +35,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pipeline.config import option, write_resolved_config
@@ -107,6 +109,15 @@ def validate_record(path):
     return validate
 
 
+def load_source(path) -> list[dict]:
+    """An instruction file, or a seed-task file expanded into one record per human-written instance."""
+    from pipeline.seeds import instance_records, is_seed_file, load_seeds
+
+    if Path(path).is_file() and is_seed_file(path):
+        return instance_records(load_seeds(path))
+    return load_records(path, validate=validate_record(path))
+
+
 def dedupe_text(record: dict) -> str:
     """What a near-duplicate is judged on: the prompt the model sees (see the module doc)."""
     if "messages" in record:
@@ -157,7 +168,7 @@ def mix(sources: list[tuple[str, list[dict]]], weights: list[float], seed: int, 
 
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.monotonic()
-    sources = [(path, load_records(path, validate=validate_record(path))) for path in cfg.in_paths]
+    sources = [(path, load_source(path)) for path in cfg.in_paths]
     out = check_output_path(cfg.out, "--out")
     records, source_stats = mix(sources, cfg.weight_list(), cfg.seed, cfg.threshold, cfg.tokenizer)
     if not records:

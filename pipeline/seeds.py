@@ -92,3 +92,16 @@ def _alpaca_task(record: dict, path, line: int) -> SeedTask:
     return SeedTask(str(record.get("id", f"seed_task_{line - 1}")), instruction,
                     (Instance(record.get("input") or "", record["output"]),),
                     bool(record.get("is_classification", False)), "", language_of(instruction))
+
+
+def instance_records(tasks: list[SeedTask]) -> list[dict]:
+    """One Alpaca record per seed instance: the human-written demonstrations as training or test data."""
+    return [{"id": f"{task.id}#{i}", "instruction": task.instruction, "input": instance.input,
+             "output": instance.output, "is_classification": task.is_classification, "source": "seed"}
+            for task in tasks for i, instance in enumerate(task.instances)]
+
+
+def is_seed_file(path) -> bool:
+    """Whether `path` holds Self-Instruct seed tasks (records with `instances`), judged by its first record."""
+    first = next((record for _, record in read_records(path)), None)
+    return first is not None and "instances" in first

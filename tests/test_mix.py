@@ -194,3 +194,22 @@ def test_qa_csv_translation_jsonl_and_dialogue_log_become_one_training_file(tmp_
                    if "messages" in record else [record["output"]])
         assert all(answer in trained for answer in answers), (record, trained)
         assert "Kyoto" not in trained and "helpful assistant" not in trained
+
+
+def test_a_seed_file_is_a_source_of_one_record_per_instance(tmp_path):
+    from pipeline.mix import Config, run
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"id": "seed_task_0", "instruction": "Name a primary colour.", "is_classification": False,
+                                 "instances": [{"input": "", "output": "Red."}, {"input": "not blue", "output": "Yellow."}]}) + "\n")
+    generated = tmp_path / "alpaca.jsonl"
+    generated.write_text(json.dumps({"instruction": "Summarize the plot of Hamlet in one sentence.", "input": "", "output": "A prince avenges his father."}) + "\n")
+    out = tmp_path / "train.jsonl"
+    run(Config(in_paths=(str(generated), str(seeds)), out=str(out)))
+    records = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["output"])
+    assert [(r["instruction"], r["input"], r["output"]) for r in records] == [
+        ("Summarize the plot of Hamlet in one sentence.", "", "A prince avenges his father."),
+        ("Name a primary colour.", "", "Red."),
+        ("Name a primary colour.", "not blue", "Yellow."),
+    ]
+    assert {r["mix_source"] for r in records} == {str(generated), str(seeds)}
