@@ -391,16 +391,16 @@ def test_ctrl_c_during_finetune_leaves_valid_resumable_output(tmp_path, model_di
     data = write_jsonl(tmp_path / "train.jsonl", [
         {"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(16)])
     run_dir = tmp_path / "run"
-    steps = 60
+    steps = 30
     argv = ["finetune", "--data", str(data), "--output-dir", str(run_dir), "--model", model_dir, "--max-steps",
             str(steps), "--save-every", "5", "--eval-every", "0", "--batch-size", "2", "--max-length", "64",
             "--lr", "1e-3", "--device", "cpu"]
     metrics = run_dir / "metrics.jsonl"
     proc = popen(argv, tmp_path)
-    _, stderr = interrupt_when(proc, lambda: line_count(metrics) >= 12, timeout=120)
+    _, stderr = interrupt_when(proc, lambda: line_count(metrics) >= 8, timeout=120)
     assert_interrupted(proc, stderr)
     before = read_jsonl_strict(metrics)
-    assert 12 <= len(before) < steps
+    assert 8 <= len(before) < steps
     rerun = popen([*argv, "--resume"], tmp_path)
     _, stderr = rerun.communicate(timeout=180)
     assert rerun.returncode == 0, stderr[-3000:]
