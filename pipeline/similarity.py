@@ -666,11 +666,24 @@ class RougeIndex:
                 continue
             distances = process.cdist([self._seqs[p] for p in rows], self._seqs[:end], scorer=Indel.distance,
                                       dtype=np.int32, workers=-1)
-            m = lengths[rows][:, None]
-            n = lengths[:end][None, :]
-            scores = _f1_from_lcs((m + n - distances) // 2, m, n)
-            scores[np.arange(end)[None, :] >= np.asarray(rows)[:, None]] = -1.0  # later members do not count
-            best = scores.argmax(axis=1)
-            for row, p, j in zip(scores, rows, best.tolist()):
-                out.append((0.0, None) if p == 0 or row[j] <= 0 else (float(row[j]), self._ids[j]))
+            row_array = np.asarray(rows)
+            m, n = lengths[row_array], lengths[:end]
+            total = m[:, None] + n[None, :]
+            # Rank by distance / (m+n) = 1 - 2*LCS/(m+n): a correctly rounded quotient of small
+            # integers, so equal true scores tie exactly and unequal ones never swap. Only the
+            # best-ranked pairs of a row get rouge_score's own float formula, which decides
+            # among exact ties (it may differ between them in the last bit), then the earliest.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = distances / total
+            low = int(row_array.min())
+            ratio[:, low:][np.arange(low, end)[None, :] >= row_array[:, None]] = np.inf  # later members do not count
+            best = ratio.min(axis=1)
+            r, c = np.nonzero(ratio == best[:, None])
+            f1 = _f1_from_lcs((total[r, c] - distances[r, c]) // 2, m[r], n[c])
+            order = np.lexsort((c, -f1, r))
+            first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
+            chosen = dict(zip(r[first].tolist(), zip(f1[first].tolist(), c[first].tolist())))
+            for k, p in enumerate(rows):
+                score, j = chosen.get(k, (0.0, None))
+                out.append((score, self._ids[j]) if p and m[k] and score > 0 else (0.0, None))
         return out

@@ -265,3 +265,17 @@ def test_long_sequences_take_the_general_paths():
     assert [keep for keep, _, _ in results] == [True, True, False, False, True]
     assert results[2][1:] == (rouge_l(edited, long_text.split()), "long")
     assert results[3][2] == "medium"
+
+
+@settings(max_examples=80, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from("abc"), max_size=7).map(" ".join), min_size=1, max_size=25),
+       chunk=st.sampled_from([1, 4, 256]))
+def test_exact_best_earlier_is_the_first_highest_even_among_ties(texts, chunk):
+    # A three-letter alphabet makes many exact ties and empty texts; the earliest highest wins.
+    index = RougeIndex(0.7, "rouge")
+    for i, text in enumerate(texts):
+        index.add(f"t{i}", text)
+    positions = list(range(len(texts)))[::-1]
+    got = index.exact_best_earlier(positions, chunk=chunk)
+    for p, result in zip(positions, got):
+        assert result == brute_best([(f"t{j}", texts[j]) for j in range(p)], texts[p], "rouge")
