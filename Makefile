@@ -33,6 +33,7 @@ TEMPLATE ?= auto
 PACKING ?= --packing
 EVAL_DATA ?= $(RUN)/val.jsonl
 EVAL_LIMIT ?= 200
+MAX_NEW_TOKENS ?= 256
 FILE ?= $(DATA)
 REPORT ?= data/report.html
 PYTEST_ARGS ?=
@@ -42,7 +43,7 @@ BACKEND_FLAGS = --backend $(BACKEND) --model $(MODEL) --api $(API) --concurrency
 
 SETUP_STAMP := .venv/.setup-stamp
 
-.PHONY: setup generate filter respond finetune eval inspect demo test bench clean help
+.PHONY: setup generate filter respond finetune eval inspect demo test bench clean help FORCE
 
 help:
 	@echo "make demo   run the whole pipeline, small, on the embedded model"
@@ -64,7 +65,10 @@ setup:
 	@true
 endif
 
-data/machine_instructions.jsonl: $(SEEDS) | setup
+# generate and respond append as they go and resume where they stopped, so they always run:
+# a file cut short by Ctrl-C must not look finished to make. With nothing left to do they
+# return at once and leave the file (and its timestamp) alone.
+data/machine_instructions.jsonl: $(SEEDS) FORCE | setup
 	$(PY) -m pipeline generate --seeds $(SEEDS) --out $@ --num-instructions $(N) \
 		--mode $(MODE) --language $(LANGUAGE) --threshold $(THRESHOLD) $(BACKEND_FLAGS)
 
@@ -72,18 +76,23 @@ data/filtered_instructions.jsonl: data/machine_instructions.jsonl $(SEEDS) | set
 	$(PY) -m pipeline filter --in $< --seeds $(SEEDS) --out $@ --report data/filter_report.json \
 		--threshold $(THRESHOLD) --tokenizer $(TOKENIZER)
 
-data/alpaca_data.jsonl: data/filtered_instructions.jsonl | setup
+data/alpaca_data.jsonl: data/filtered_instructions.jsonl FORCE | setup
 	$(PY) -m pipeline respond --in $< --seeds $(SEEDS) --out $@ --format $(FORMAT) \
 		--instances-per-instruction $(INSTANCES) $(BACKEND_FLAGS)
 
 $(RUN)/model.safetensors: $(DATA) | setup
 	$(PY) -m pipeline finetune --data $(DATA) --model $(SFT_MODEL) --output-dir $(RUN) \
 		--epochs $(EPOCHS) --max-steps $(MAX_STEPS) --lr $(LR) --batch-size $(BATCH_SIZE) \
-		--max-length $(MAX_LENGTH) --template $(TEMPLATE) $(PACKING) --seed $(SEED)
+		--max-length $(MAX_LENGTH) --template $(TEMPLATE) $(PACKING) --seed $(SEED) \
+		$(if $(wildcard $(RUN)/checkpoints/*),--resume)
+
+# The generated records plus the seeds' human-written instances, deduplicated across the two.
+data/train.jsonl: data/alpaca_data.jsonl $(SEEDS) | setup
+	$(PY) -m pipeline mix --in data/alpaca_data.jsonl $(SEEDS) --out $@ --seed $(SEED) --threshold $(THRESHOLD)
 
 $(RUN)/eval.json: $(RUN)/model.safetensors | setup
 	$(PY) -m pipeline eval --model $(RUN) --baseline $(SFT_MODEL) --data $(EVAL_DATA) \
-		--limit $(EVAL_LIMIT) --out $@
+		--limit $(EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@
 
 generate: data/machine_instructions.jsonl
 filter: data/filtered_instructions.jsonl
@@ -94,8 +103,26 @@ eval: $(RUN)/eval.json
 inspect: | setup
 	$(PY) -m pipeline inspect $(FILE) --html $(REPORT) $(if $(wildcard $(RUN)/metrics.jsonl),--run $(RUN))
 
+# `make demo`: every stage, small, on the embedded model. A size given on the command line
+# wins (`make demo N=2000 BACKEND=openai MODEL=gpt-4o-mini` is a real run).
+demo_size = $(if $(filter command line,$(origin $(1))),$($(1)),$(2))
+DEMO_VARS = N=$(call demo_size,N,40) EPOCHS=$(call demo_size,EPOCHS,1) LR=$(call demo_size,LR,1e-4) \
+	DATA=$(call demo_size,DATA,data/train.jsonl) EVAL_LIMIT=$(call demo_size,EVAL_LIMIT,24) \
+	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/alpaca_data.jsonl)
+DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejected.jsonl \
+	data/filtered_instructions.jsonl data/filtered_instructions.rejected.jsonl data/filter_report.json \
+	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/train.jsonl $(REPORT) \
+	$(RUN)/model.safetensors $(RUN)/metrics.jsonl $(RUN)/loss.png $(RUN)/val.jsonl \
+	$(RUN)/eval.json $(RUN)/eval.md $(RUN)/eval_predictions.jsonl
+
 demo: | setup
-	@echo "make demo: not built yet (issue 9)"; exit 2
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory $(DEMO_VARS) eval inspect && \
+	echo && echo "== make demo: done in $$(( $$(date +%s) - start )) s. Artifacts:" && \
+	for f in $(DEMO_ARTIFACTS); do \
+		if [ -f $$f ]; then printf '  %-48s %8s  %s\n' $$f "$$(du -h $$f | cut -f1)" \
+			"$$(case $$f in *.jsonl) echo "$$(wc -l < $$f) records";; esac)"; fi; \
+	done && echo && cat $(RUN)/eval.md
 
 test: | setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
