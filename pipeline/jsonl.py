@@ -122,6 +122,9 @@ def atomic_write(path, mode: str = "w") -> Iterator[Any]:
     """Write to a temporary file beside `path`, then `os.replace` it; on error the old file stays."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would have, or
+    # the old file's, so replacing an output never changes who can read it.
+    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_current_umask())
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -132,6 +135,12 @@ def atomic_write(path, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl_atomic(path, records: Iterable[dict]) -> int:

@@ -87,6 +87,17 @@ def test_atomic_write_crash_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left behind
 
 
+def test_atomic_write_keeps_ordinary_permissions(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl_atomic(path, [{"a": 1}])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    path.chmod(0o640)
+    write_jsonl_atomic(path, [{"a": 2}])
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "r.json"
     write_json_atomic(path, {"x": "日本語"})
