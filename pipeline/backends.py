@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Protocol
 
+from pipeline.config import option
 from pipeline.errors import UserError
 
 
@@ -141,6 +142,22 @@ class BackendOptions:
             raise UserError(f"--batch-size: must be at least 1, got {self.batch_size}")
         if self.retry_base_delay < 0:
             raise UserError(f"--retry-base-delay: must be 0 or more, got {self.retry_base_delay}")
+
+
+@dataclass(frozen=True)
+class BackendFlags:
+    """The backend flags that `generate` and `respond` share: their Configs inherit these fields."""
+
+    backend: Literal["local", "openai"] = option("local", "local: the embedded model (or --model folder) in-process; "
+                                                 "openai: any OpenAI-compatible server")
+    model: str = option("SmolLM2-135M-Instruct", "model name (openai) or local model folder; the default is embedded")
+    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
+    api: Literal["chat", "completions"] = option("chat", "chat for instruct models, completions for base models")
+    concurrency: int = option(16, "requests in flight (openai)")
+    timeout: float = option(60.0, "seconds per request before it is retried (openai)")
+    max_retries: int = option(5, "retries of a failed request before it is given up (openai)")
+    batch_size: int = option(16, "prompts per generate() call (local)")
+    device: str = option("auto", "auto, cpu, cuda, mps (local)")
 
 
 def backend_options_from(cfg: Any) -> BackendOptions:

@@ -44,7 +44,10 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
 
 def add_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
+    # A stage's own flags first, then those it inherits (the shared backend flags), in --help.
+    own = config_cls.__dict__.get("__annotations__", {})
+    fields = sorted(dataclasses.fields(config_cls), key=lambda f: f.name not in own)
+    for field in fields:
         if field.metadata.get("hidden"):
             continue
         tp, optional = _unwrap_optional(hints[field.name])

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline.backends import Request, Response, backend_options_from
+from pipeline.backends import BackendFlags, Request, Response, backend_options_from
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
 from pipeline.filter import rejected_path_for
@@ -84,7 +84,7 @@ def _mode_default(mode: str, index: int, value):
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(BackendFlags):
     seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks (Self-Instruct or Alpaca JSONL)")
     out: str = option("data/machine_instructions.jsonl", "accepted instructions, appended as they are accepted")
     num_instructions: int = option(100, "stop when the pool holds this many new instructions")
@@ -107,16 +107,7 @@ class Config:
     budget: float | None = option(None, "stop cleanly once this many dollars were spent (needs --price-per-1k)")
     cache: bool = option(True, "replay answers already in --cache-dir instead of asking again")
     cache_dir: str = option("data/cache", "request cache folder")
-    backend: Literal["local", "openai"] = option("local", "local: the embedded model in-process; openai: any OpenAI-compatible server")
-    model: str = option("SmolLM2-135M-Instruct", "model name (openai) or local model folder; the default is embedded")
-    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
-    api: Literal["chat", "completions"] = option("chat", "chat for instruct models, completions for base models")
-    concurrency: int = option(16, "requests in flight (openai)")
-    timeout: float = option(60.0, "seconds per request before it is retried (openai)")
-    max_retries: int = option(5, "retries of a failed request (openai)")
     seed: int = option(42, "random seed: example sampling and each request's sampling seed")
-    batch_size: int = option(16, "prompts per generate() call (local)")
-    device: str = option("auto", "local: auto, cpu, cuda, mps")
 
     def __post_init__(self):
         if self.num_instructions < 1:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from pipeline import respond_prompts as prompts
-from pipeline.backends import Request, Response, backend_options_from, make_client
+from pipeline.backends import BackendFlags, Request, Response, backend_options_from, make_client
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
 from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, load_records
@@ -60,7 +60,7 @@ DECISION_TEMPERATURE = 0.0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(BackendFlags):
     in_path: str = option("data/filtered_instructions.jsonl", "kept instructions from `filter`", flag="--in")
     seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks: the few-shot examples and classification flags")
     out: str = option("data/alpaca_data.jsonl", "training records, appended as they are written")
@@ -74,16 +74,7 @@ class Config:
     max_tokens: int = option(256, "most tokens per instance answer; an answer cut there is rejected as cut_off")
     cache: bool = option(True, "reuse cached answers for identical requests (--no-cache asks again)")
     cache_dir: str = option("data/cache", "where the request cache lives")
-    backend: Literal["local", "openai"] = option("local", "local: transformers in-process; openai: any OpenAI-compatible server")
-    model: str = option("SmolLM2-135M-Instruct", "model name (openai) or local folder / embedded model")
-    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
-    api: Literal["chat", "completions"] = option("chat", "chat: few-shot as conversation turns; completions: one plain prompt")
-    concurrency: int = option(16, "requests in flight (openai)")
-    timeout: float = option(60.0, "seconds per request before it is retried (openai)")
-    max_retries: int = option(5, "retries of a failing request before it is given up")
     seed: int | None = option(42, "sampling seed; instance k of an instruction uses seed + k")
-    batch_size: int = option(16, "prompts per generate call (local)")
-    device: str = option("auto", "auto, cpu, cuda, mps (local)")
 
     def __post_init__(self):
         if self.instances_per_instruction < 1:
