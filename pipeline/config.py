@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.jsonl import write_json_atomic
+from pipeline.jsonl import path_beside, write_json_atomic
 
 SECRET_WORDS = ("key", "token_value", "secret", "password")
 
@@ -108,7 +108,7 @@ def config_path_for(output) -> Path:
     output = Path(output)
     if output.is_dir():
         return output / "config.json"
-    return output.with_name(output.name.rsplit(".", 1)[0] + ".config.json")
+    return path_beside(output, "config.json")
 
 
 def write_resolved_config(cfg, output, extra: dict | None = None) -> Path:

@@ -35,7 +35,8 @@ from typing import Literal
 
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.jsonl import INSTRUCTION_FIELDS, check_output_path, read_records, write_json_atomic, write_jsonl_atomic
+from pipeline.jsonl import (INSTRUCTION_FIELDS, check_output_path, read_records, rejected_path_for, write_json_atomic,
+                            write_jsonl_atomic)
 from pipeline.lang import language_of, text_length
 from pipeline.seeds import SeedTask, load_seeds
 from pipeline.similarity import RougeIndex
@@ -156,11 +157,6 @@ class Stats:
     rejected: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     report: dict = field(default_factory=dict)
-
-
-def rejected_path_for(out) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.rsplit(".", 1)[0] + ".rejected.jsonl")
 
 
 def report_path_for(out) -> Path:

@@ -400,15 +400,10 @@ def load_optimizer_state(accelerator, optimizer, scheduler, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- outputs
 
-def plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+def draw_loss(ax, history: list[dict]) -> bool:
+    """Train and validation loss of `metrics.jsonl` rows on `ax`; False when there is none to draw."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h and "step" in h]
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
@@ -417,6 +412,17 @@ def plot_loss(history: list[dict], path: Path) -> None:
     ax.set_ylabel("cross-entropy on response tokens")
     ax.legend()
     ax.grid(alpha=0.3)
+    return bool(train or val)
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_loss(ax, history)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -42,8 +42,7 @@ from typing import Iterator, Literal
 from pipeline.backends import BackendFlags, Request, Response, backend_options_from
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.filter import rejected_path_for
-from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path
+from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, rejected_path_for
 from pipeline.lang import language_of
 from pipeline.prompts import (
     Candidate, build_alpaca_prompt, build_self_instruct_prompt, load_template, parse_alpaca_tasks,

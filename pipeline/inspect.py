@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.config import option
 from pipeline.errors import UserError
-from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, read_records
+from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, read_records, rejected_path_for
 from pipeline.lang import language_of, text_length
 
 HISTOGRAM_BINS = 20  # 0.05-wide bins over ROUGE-L 0..1, as in the paper's Figure 3
@@ -159,7 +159,7 @@ def max_rouge_to_seeds(instructions: list[str], seed_instructions: list[str]) ->
 
 
 def rejected_reasons(path: Path) -> dict[str, int] | None:
-    rejected = path.with_name(path.name.rsplit(".", 1)[0] + ".rejected.jsonl")
+    rejected = rejected_path_for(path)
     if not rejected.exists() or path.name.endswith(".rejected.jsonl"):
         return None
     counts = collections.Counter(r.get("reason", "(none)") for _, r in read_records(rejected))
@@ -279,19 +279,12 @@ def loss_curve_plot(run: Path, plt) -> str | None:
     metrics_path = run / "metrics.jsonl"
     if not metrics_path.exists():
         return None
-    metrics = [r for _, r in read_records(metrics_path)]
-    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and "step" in r]
-    val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r and "step" in r]
-    if not train and not val:
-        return None
+    from pipeline.finetune import draw_loss  # the same picture as the run's own loss.png
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (response tokens)")
-    ax.legend()
+    if not draw_loss(ax, [r for _, r in read_records(metrics_path)]):
+        plt.close(fig)
+        return None
     ax.set_title(f"Loss: {run}")
     return png_data_uri(fig)
 

@@ -158,6 +158,17 @@ def write_json_atomic(path, obj: Any) -> None:
         f.write("\n")
 
 
+def path_beside(output, suffix: str) -> Path:
+    """A file that belongs to `output`: `data/x.jsonl` + `rejected.jsonl` -> `data/x.rejected.jsonl`."""
+    output = Path(output)
+    return output.with_name(output.name.rsplit(".", 1)[0] + "." + suffix)
+
+
+def rejected_path_for(out) -> Path:
+    """Where a stage puts the records it turned down: `data/x.jsonl` -> `data/x.rejected.jsonl`."""
+    return path_beside(out, "rejected.jsonl")
+
+
 def check_output_path(path, flag: str) -> Path:
     """Fail early, naming the flag, if `path` cannot be written: before any work is done."""
     path = Path(path)

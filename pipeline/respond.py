@@ -41,7 +41,7 @@ from pipeline import respond_prompts as prompts
 from pipeline.backends import BackendFlags, Request, Response, backend_options_from, make_client
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, load_records
+from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, load_records, rejected_path_for
 from pipeline.lang import language_of, text_length
 from pipeline.seeds import SeedTask, load_seeds
 from pipeline.templates import to_messages
@@ -119,12 +119,6 @@ class Task:
     provenance: dict
     is_classification: bool | None = None
     source: str = ""  # record (the input said), model (asked), default (the model's answer was unclear)
-
-
-def rejected_path_for(out) -> Path:
-    """`data/alpaca_data.jsonl` -> `data/alpaca_data.rejected.jsonl`."""
-    out = Path(out)
-    return out.with_name(out.name.rsplit(".", 1)[0] + ".rejected.jsonl")
 
 
 def instance_id(task_id: str, k: int) -> str:

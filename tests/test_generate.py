@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.backends import Response
 from pipeline.errors import UserError
-from pipeline.generate import Config, rejected_path_for, run
+from pipeline.generate import Config, run
+from pipeline.jsonl import rejected_path_for
 from pipeline.lang import language_of
 from pipeline.similarity import rouge_l, tokenize
 from tests.conftest import write_jsonl
