@@ -35,6 +35,13 @@ EVAL_DATA ?= $(RUN)/val.jsonl
 EVAL_LIMIT ?= 200
 MAX_NEW_TOKENS ?= 256
 FILE ?= $(DATA)
+# The judge: `make judge MIN_SCORE=3` keeps records scored below 3 out of training; empty keeps all.
+MIN_SCORE ?=
+SCORING ?= auto
+# What mix (and so finetune) trains on: the judged records; JUDGED=data/alpaca_data.jsonl skips the judge.
+JUDGED ?= data/judged.jsonl
+# The preference pairs `make label` shows a person, one at a time.
+PREFS ?= data/preferences.jsonl
 REPORT ?= data/report.html
 PYTEST_ARGS ?=
 
@@ -43,12 +50,12 @@ BACKEND_FLAGS = --backend $(BACKEND) --model $(MODEL) --api $(API) --concurrency
 
 SETUP_STAMP := .venv/.setup-stamp
 
-.PHONY: setup generate filter respond finetune eval inspect demo test bench clean help FORCE
+.PHONY: setup generate filter respond judge finetune dpo eval inspect label demo test bench clean help FORCE
 
 help:
 	@echo "make demo   run the whole pipeline, small, on the embedded model"
 	@echo "make test   run the test suite"
-	@echo "stages:     make generate | filter | respond | finetune | eval | inspect   (see README.md)"
+	@echo "stages:     make generate | filter | respond | judge | finetune | eval | inspect   (see README.md)"
 
 # A user with their own environment sets PY=python and setup does nothing.
 ifeq ($(PY),.venv/bin/python)
@@ -80,38 +87,72 @@ data/alpaca_data.jsonl: data/filtered_instructions.jsonl FORCE | setup
 	$(PY) -m pipeline respond --in $< --seeds $(SEEDS) --out $@ --format $(FORMAT) \
 		--instances-per-instruction $(INSTANCES) $(BACKEND_FLAGS)
 
+# Checkpoints newer than the data are this run's, cut short: resume them. Older ones belong to a
+# run on other data (finetune refuses to resume those): start afresh in the same folder.
+# $(call resume_or_overwrite,RUN_FOLDER,INPUT_FILES): the flag for a run folder and what it was trained from.
+resume_or_overwrite = $(shell [ -n "$(wildcard $(1)/checkpoints/step-*)" ] $(foreach f,$(2),&& [ $(1)/checkpoints -nt $(f) ]) && echo --resume || echo --overwrite)
+RESUME_OR_OVERWRITE = $(call resume_or_overwrite,$(RUN),$(DATA))
 $(RUN)/model.safetensors: $(DATA) | setup
 	$(PY) -m pipeline finetune --data $(DATA) --model $(SFT_MODEL) --output-dir $(RUN) \
 		--epochs $(EPOCHS) --max-steps $(MAX_STEPS) --lr $(LR) --batch-size $(BATCH_SIZE) \
 		--max-length $(MAX_LENGTH) --template $(TEMPLATE) $(PACKING) --seed $(SEED) \
-		$(if $(wildcard $(RUN)/checkpoints/*),--resume)
+		$(RESUME_OR_OVERWRITE)
 
-# The generated records plus the seeds' human-written instances, deduplicated across the two.
-data/train.jsonl: data/alpaca_data.jsonl $(SEEDS) | setup
-	$(PY) -m pipeline mix --in data/alpaca_data.jsonl $(SEEDS) --out $@ --seed $(SEED) --threshold $(THRESHOLD)
+# Every record scored 1-5 by the judge (probability scoring on the embedded model); with
+# MIN_SCORE the low ones go to data/judged.rejected.jsonl. It resumes, so it always runs; a
+# rerun with another MIN_SCORE re-splits the two files without asking the judge again.
+data/judged.jsonl: data/alpaca_data.jsonl FORCE | setup
+	$(PY) -m pipeline judge --in $< --out $@ --scoring $(SCORING) $(if $(MIN_SCORE),--min-score $(MIN_SCORE)) \
+		$(BACKEND_FLAGS)
+
+# The judged records plus the seeds' human-written instances, deduplicated across the two; the
+# held-out seed tasks (seeds/seed_tasks.heldout.txt) stay out: they are eval's unseen tasks.
+data/train.jsonl: $(JUDGED) $(SEEDS) | setup
+	$(PY) -m pipeline mix --in $(JUDGED) $(SEEDS) --out $@ --seed $(SEED) --threshold $(THRESHOLD)
+
+# Preference tuning of the SFT run on the pairs (DPO; DPO_LOSS=simpo is reference-free). A run cut short
+# resumes; one older than the pairs or the SFT model starts afresh.
+DPO_RUN ?= runs/dpo
+DPO_LR ?= 1e-6
+DPO_EPOCHS ?= 1
+DPO_BATCH_SIZE ?= 8
+DPO_LOSS ?= dpo
+$(DPO_RUN)/model.safetensors: $(PREFS) $(RUN)/model.safetensors | setup
+	$(PY) -m pipeline dpo --data $(PREFS) --model $(RUN) --output-dir $(DPO_RUN) --loss $(DPO_LOSS) \
+		--epochs $(DPO_EPOCHS) --lr $(DPO_LR) --batch-size $(DPO_BATCH_SIZE) --max-length $(MAX_LENGTH) \
+		--seed $(SEED) $(call resume_or_overwrite,$(DPO_RUN),$(PREFS) $(RUN)/model.safetensors)
 
 $(RUN)/eval.json: $(RUN)/model.safetensors | setup
-	$(PY) -m pipeline eval --model $(RUN) --baseline $(SFT_MODEL) --data $(EVAL_DATA) \
+	$(PY) -m pipeline eval --model $(RUN) --baseline $(SFT_MODEL) --data $(EVAL_DATA) --seeds $(SEEDS) \
 		--limit $(EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@
 
 generate: data/machine_instructions.jsonl
 filter: data/filtered_instructions.jsonl
 respond: data/alpaca_data.jsonl
+judge: data/judged.jsonl
 finetune: $(RUN)/model.safetensors
+dpo: $(DPO_RUN)/model.safetensors
 eval: $(RUN)/eval.json
 
 inspect: | setup
 	$(PY) -m pipeline inspect $(FILE) --html $(REPORT) $(if $(wildcard $(RUN)/metrics.jsonl),--run $(RUN))
 
+# Interactive: a person picks the better answer of each pair (keys 1, 2, t, s, q); the choices are
+# appended to data/preferences.labels.jsonl as they are made, and a rerun continues where it stopped.
+label: | setup
+	$(PY) -m pipeline label $(PREFS) --seed $(SEED)
+
 # `make demo`: every stage, small, on the embedded model. A size given on the command line
 # wins (`make demo N=2000 BACKEND=openai MODEL=gpt-4o-mini` is a real run).
 demo_size = $(if $(filter command line,$(origin $(1))),$($(1)),$(2))
 DEMO_VARS = N=$(call demo_size,N,40) EPOCHS=$(call demo_size,EPOCHS,1) LR=$(call demo_size,LR,1e-4) \
-	DATA=$(call demo_size,DATA,data/train.jsonl) EVAL_LIMIT=$(call demo_size,EVAL_LIMIT,24) \
-	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/alpaca_data.jsonl)
+	DATA=$(call demo_size,DATA,data/train.jsonl) EVAL_LIMIT=$(call demo_size,EVAL_LIMIT,40) \
+	EVAL_DATA=$(call demo_size,EVAL_DATA,heldout) \
+	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/judged.jsonl)
 DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejected.jsonl \
 	data/filtered_instructions.jsonl data/filtered_instructions.rejected.jsonl data/filter_report.json \
-	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/train.jsonl $(REPORT) \
+	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/judged.jsonl data/judged.rejected.jsonl \
+	data/train.jsonl $(REPORT) \
 	$(RUN)/model.safetensors $(RUN)/metrics.jsonl $(RUN)/loss.png $(RUN)/val.jsonl \
 	$(RUN)/eval.json $(RUN)/eval.md $(RUN)/eval_predictions.jsonl
 
@@ -133,6 +174,7 @@ bench: | setup
 	$(PY) bench/bench_client.py
 	$(PY) bench/bench_local.py
 	$(PY) bench/bench_sft.py --steps 3
+	$(PY) bench/bench_dpo.py
 
 clean:
 	rm -rf data/cache data/*.jsonl data/*.json data/*.html runs

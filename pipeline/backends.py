@@ -1,37 +1,47 @@
 """LLM backends behind one small interface: `openai` (any OpenAI-compatible server) and `local`.
 
-Stages never run this module; they build a client from their flags and stream requests:
+Every stage that talks to a model opens its client here, from its config (which *is* a
+`BackendOptions`: stage configs inherit these fields, so the flags are declared once):
 
-    client = make_client(backend_options_from(cfg))  # or a fake in tests
+    client = open_client(cfg)                        # or open_client(cfg, client=fake) in tests
     for response in client.stream(requests):         # requests: any iterable, pulled lazily
         ...                                          # responses arrive in completion order
-    client.totals                                    # requests, retries, failures, tokens
+    client.totals                                    # sent, answered, retries, failures, tokens
+    client.stopped                                   # None, or the spending limit that ended the stream
     client.close()
 
-`stream` pulls a new request from the iterable only when a slot is free (at most
-`concurrency` in flight), so a stage like `generate` can build each prompt from the pool as it
-is at that moment. Breaking out of the loop (closing the generator) cancels what is in flight.
-A request that fails for good yields a Response with `error` set; it never raises, except
-for errors that no retry can fix (401/403/404/400 -> UserError with one clear line).
+`open_client` stacks, from the outside in: the spending limit and the first-requests check
+(`pipeline.limits`), the request cache (`pipeline.cache`, unless `--no-cache`), and the backend
+(with `--batch-api`, `pipeline.batch_api.BatchClient`: the same stream, answered through the Batch API).
+`stream` pulls a new request only when a slot is free (at most `concurrency` in flight), so a
+stage like `generate` can build each prompt from the pool as it is at that moment. Breaking out
+of the loop (closing the generator) cancels what is in flight; those count as abandoned.
 
-The backend flags every generating stage carries (same names as `BackendOptions`):
---backend, --model, --base-url, --api, --concurrency, --timeout, --max-retries, --seed,
---batch-size, --device.
+What a request can end as:
+- answered: `texts` set;
+- rejected: the server refused this one request (400/422: context too long, a content
+  filter): `error` set and `rejected` true; retrying it cannot help, other requests may pass;
+- failed: 429/5xx/timeouts/dropped connections/malformed bodies outlasted the retries:
+  `error` set; a rerun may succeed;
+- fatal: 401/403/404 mean every request fails the same way, so `stream` raises UserError
+  with one line that says what to fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Iterator, Literal, Protocol
 
-from pipeline.config import option
+from pipeline.config import option, validate
 from pipeline.errors import UserError
+from pipeline.urls import REDACTED, redact_url, redact_urls, url_secrets
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,14 @@ class Request:
     stop: tuple[str, ...] | None = None
     n: int = 1
     seed: int | None = None
+    # Next-token probabilities (the judge's G-Eval scores): > 0 asks for the first answer token's
+    # k most likely alternatives in Response.top_logprobs (openai: `logprobs`/`top_logprobs`).
+    top_logprobs: int = 0
+    # Tokens whose log-probabilities the local backend adds to those alternatives: it has the
+    # whole distribution, so a digit the model finds unlikely still gets its probability.
+    logprob_tokens: tuple[str, ...] = ()
+    # openai chat: the `response_format` object as JSON text (text keeps the frozen Request hashable).
+    response_format: str | None = None
 
 
 @dataclass
@@ -58,30 +76,42 @@ class Response:
     model: str = ""
     backend: str = ""
     cached: bool = False
-    error: str | None = None  # set when the request failed after all retries
+    error: str | None = None  # set when the request failed after all retries, or was rejected
+    rejected: bool = False  # the server refused this request (400/422): asking again cannot help
     retries: int = 0  # how many times this request was retried before this answer
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per choice: first token's {token: logprob}
 
 
 @dataclass
 class Totals:
-    requests: int = 0
-    retries: int = 0
-    failures: int = 0
-    cached: int = 0
+    """What a client did. Every request sent is one of answered, failed, rejected or abandoned."""
+
+    requests: int = 0  # responses returned (cached ones included)
+    retries: int = 0  # retries that happened (429, 5xx, timeouts, malformed bodies)
+    failures: int = 0  # failed after all retries
+    rejected: int = 0  # refused by the server (400/422)
+    cached: int = 0  # answered from the request cache: nothing sent
+    abandoned: int = 0  # sent, then cancelled before the answer came (the stage had what it needed)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     def add(self, response: Response) -> None:
         self.requests += 1
         self.retries += response.retries
-        self.failures += response.error is not None
+        self.failures += response.error is not None and not response.rejected
+        self.rejected += response.rejected
         self.cached += response.cached
         self.prompt_tokens += response.prompt_tokens
         self.completion_tokens += response.completion_tokens
 
-    def summary(self) -> str:
-        return (f"{self.requests} requests ({self.cached} cached, {self.retries} retries, "
-                f"{self.failures} failed), {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens")
+    @property
+    def sent(self) -> int:
+        """Requests that reached (or were on their way to) the backend: all but cache hits."""
+        return self.requests - self.cached + self.abandoned
+
+    @property
+    def answered(self) -> int:
+        return self.requests - self.cached - self.failures - self.rejected
 
 
 class LLMClient(Protocol):
@@ -104,75 +134,110 @@ NO_KEY = "not-needed"
 DEFAULT_RETRY_BASE_DELAY = 0.5
 # Backoff never waits longer than this between two tries of one request.
 MAX_RETRY_DELAY = 8.0
+# The most alternatives per token OpenAI's legacy completions endpoint returns (`logprobs`).
+COMPLETIONS_MAX_LOGPROBS = 5
 # Error text from a server is cut here so one failure stays one line.
 MAX_ERROR_CHARS = 300
 # The local backend sorts this many batches' worth of pulled requests by length, so padding
 # stays small without pulling far ahead of a stage that builds prompts from its current state.
 SORT_WINDOW_BATCHES = 4
 # Loggers that see requests to the server; the key is scrubbed from anything they log.
-HTTP_LOGGER_PREFIXES = ("openai", "httpx", "httpx2", "httpcore")
+HTTP_LOGGER_PREFIXES = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
+# The header in which the SDK numbers each try of a request (0 = the first); read back from
+# an exception to count the retries that really happened before the SDK gave up.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_CACHE_DIR = "data/cache"
+# --batch-api: the first wait between two polls of a submitted batch; it doubles up to
+# pipeline.batch_api.MAX_POLL_SECONDS (a batch takes minutes to hours; polling faster buys nothing).
+DEFAULT_BATCH_POLL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    backend: Backend = "local"
-    model: str = "SmolLM2-135M-Instruct"
-    base_url: str | None = None  # openai: None -> $OPENAI_BASE_URL, else the SDK's default
-    api: Api = "chat"
-    concurrency: int = 16
-    timeout: float = 60.0
-    max_retries: int = 5
-    seed: int | None = 42
-    batch_size: int = 16
-    device: str = "auto"
-    retry_base_delay: float = DEFAULT_RETRY_BASE_DELAY
+    """How a stage reaches its model: every stage config that talks to one inherits these fields."""
+
+    backend: Backend = option("local", "local: the embedded model (or --model folder) in-process; "
+                                       "openai: any OpenAI-compatible server")
+    model: str = option(DEFAULT_MODEL, "model name (openai) or local model folder; the default is embedded")
+    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
+    api: Api = option("chat", "chat for instruct models, completions for base models")
+    concurrency: int = option(16, "requests in flight (openai); with --batch-api, requests per submitted batch", min=1)
+    timeout: float = option(60.0, "seconds per request before it is retried (openai)", above=0)
+    max_retries: int = option(5, "retries of a failed request before it is given up (openai)", min=0)
+    batch_size: int = option(16, "prompts per generate() call (local)", min=1)
+    device: str = option("auto", "auto, cpu, cuda, mps (local)")
+    seed: int | None = option(42, "sampling seed")
+    cache: bool = option(True, "replay answers already in --cache-dir instead of asking again")
+    cache_dir: str = option(DEFAULT_CACHE_DIR, "request cache folder")
+    max_tokens_total: int | None = option(None, "stop cleanly before spending more than this many tokens "
+                                                "(prompt + completion; overshoot at most one request)", min=1)
+    price_per_1k: float | None = option(None, "dollars per 1,000 tokens, for --budget", min=0)
+    budget: float | None = option(None, "stop cleanly before spending more than this many dollars "
+                                        "(needs --price-per-1k)", above=0)
+    batch_api: bool = option(False, "openai: send the requests through the Batch API (/v1/files, /v1/batches; "
+                                    "half the price on OpenAI, slower), --concurrency of them per batch; "
+                                    "a killed run picks its batch up again")
+    # Tests shorten the backoff of the retries this module adds; not a flag.
+    retry_base_delay: float = option(DEFAULT_RETRY_BASE_DELAY, "backoff base (s)", hidden=True, min=0)
+    # Tests poll their fake server's batches faster; not a flag.
+    batch_poll_interval: float = option(DEFAULT_BATCH_POLL_SECONDS, "first wait between batch polls (s)",
+                                        hidden=True, above=0)
 
     def __post_init__(self):
-        if self.backend not in ("local", "openai"):
-            raise UserError(f"--backend: {self.backend!r} is not one of local, openai")
-        if self.api not in ("chat", "completions"):
-            raise UserError(f"--api: {self.api!r} is not one of chat, completions")
-        if self.concurrency < 1:
-            raise UserError(f"--concurrency: must be at least 1, got {self.concurrency}")
-        if not self.timeout > 0:
-            raise UserError(f"--timeout: must be more than 0 seconds, got {self.timeout}")
-        if self.max_retries < 0:
-            raise UserError(f"--max-retries: must be 0 or more, got {self.max_retries}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size: must be at least 1, got {self.batch_size}")
-        if self.retry_base_delay < 0:
-            raise UserError(f"--retry-base-delay: must be 0 or more, got {self.retry_base_delay}")
+        validate(self)  # bounds and choices (Literal types too) from the field metadata, a subclass's fields too
+        if self.budget is not None and self.price_per_1k is None:
+            raise UserError("--budget: needs --price-per-1k to turn tokens into dollars")
+        if self.batch_api and self.backend != "openai":
+            raise UserError(f"--batch-api: needs --backend openai (the {self.backend} backend has no batch to submit)")
 
+    @classmethod
+    def of(cls, cfg: "BackendOptions", **changes) -> "BackendOptions":
+        """The backend part of a stage config, with `changes` (e.g. a judge's own model and URL)."""
+        values = {f.name: getattr(cfg, f.name) for f in fields(BackendOptions)}
+        return BackendOptions(**{**values, **changes})
 
-@dataclass(frozen=True)
-class BackendFlags:
-    """The backend flags that `generate` and `respond` share: their Configs inherit these fields."""
-
-    backend: Literal["local", "openai"] = option("local", "local: the embedded model (or --model folder) in-process; "
-                                                 "openai: any OpenAI-compatible server")
-    model: str = option("SmolLM2-135M-Instruct", "model name (openai) or local model folder; the default is embedded")
-    base_url: str | None = option(None, "OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
-    api: Literal["chat", "completions"] = option("chat", "chat for instruct models, completions for base models")
-    concurrency: int = option(16, "requests in flight (openai)")
-    timeout: float = option(60.0, "seconds per request before it is retried (openai)")
-    max_retries: int = option(5, "retries of a failed request before it is given up (openai)")
-    batch_size: int = option(16, "prompts per generate() call (local)")
-    device: str = option("auto", "auto, cpu, cuda, mps (local)")
-
-
-def backend_options_from(cfg: Any) -> BackendOptions:
-    """BackendOptions from a stage config whose flat fields share BackendOptions' names.
-
-    Fields the config lacks keep BackendOptions' defaults.
-    """
-    names = BackendOptions.__dataclass_fields__
-    return BackendOptions(**{name: getattr(cfg, name) for name in names if hasattr(cfg, name)})
+    @property
+    def shown_url(self) -> str:
+        """The server URL as it may be shown: given or from the environment, credentials redacted."""
+        return redact_url(self.base_url or os.environ.get("OPENAI_BASE_URL") or "")
 
 
 def make_client(options: BackendOptions) -> LLMClient:
+    """The bare backend (no cache, no limits); stages use `open_client`."""
+    if options.backend == "openai" and options.batch_api:
+        from pipeline.batch_api import BatchClient, state_path_for
+
+        # A stage config has --out: the batch state goes beside it, so a rerun finds it.
+        return BatchClient(options, state_path_for(getattr(options, "out", None)))
     if options.backend == "openai":
         return OpenAIClient(options)
     return LocalClient(options)
+
+
+def open_client(options: BackendOptions, client: LLMClient | None = None) -> LLMClient:
+    """The client a stage talks to: `client` (a test's fake) or a new backend from `options`,
+    behind the request cache (when `options.cache`) and the spending limits.
+
+    An unusable `--cache-dir` fails here, before a model is loaded or a request is paid for.
+    Closing the result closes a backend made here, never a `client` passed in.
+    """
+    from pipeline.cache import CachedClient, check_cache_dir
+    from pipeline.limits import LimitedClient
+
+    if options.cache:
+        check_cache_dir(options.cache_dir)
+    owned = client is None
+    inner = make_client(options) if owned else client
+    if options.cache:
+        inner = CachedClient(inner, options.cache_dir, base_url=_cache_url(options, inner))
+    return LimitedClient(inner, options, owns_inner=owned)
+
+
+def _cache_url(options: BackendOptions, client: LLMClient) -> str:
+    # The server is part of what an answer means: another server never replays this one's answers.
+    # Credentials are not (rotating a key keeps the cache); a local model has no server.
+    return redact_url(getattr(client, "base_url", None) or "") if options.backend == "openai" else ""
 
 
 def backoff_delay(retry: int, base: float) -> float:
@@ -203,7 +268,7 @@ def completion_prompt(request: Request) -> str:
 
 
 class _RedactSecret(logging.Filter):
-    """Replaces the API key in any log record with a placeholder, whatever level is enabled."""
+    """Replaces the API key (and URL credentials) in any log record, whatever level is enabled."""
 
     def __init__(self, secret: str):
         super().__init__()
@@ -212,24 +277,34 @@ class _RedactSecret(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if self.secret in message:
-            record.msg, record.args = message.replace(self.secret, "[redacted]"), None
+            record.msg, record.args = message.replace(self.secret, REDACTED), None
         return True
 
 
-def _guard_key_in_logs(secret: str) -> None:
+def _guard_secrets_in_logs(secrets: list[str]) -> None:
     # A logger's filters see only records created on that exact logger, not on its children,
     # so the filter goes on every HTTP-side logger that exists once the SDK is imported.
-    if not secret or secret == NO_KEY:
-        return
     names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] in HTTP_LOGGER_PREFIXES]
-    for name in set(names) | set(HTTP_LOGGER_PREFIXES):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _RedactSecret) and f.secret == secret for f in logger.filters):
-            logger.addFilter(_RedactSecret(secret))
+    for secret in secrets:
+        if not secret or secret == NO_KEY:
+            continue
+        for name in set(names) | set(HTTP_LOGGER_PREFIXES):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _RedactSecret) and f.secret == secret for f in logger.filters):
+                logger.addFilter(_RedactSecret(secret))
 
 
 class _Malformed(Exception):
     """A 200 answer whose body is not a completion; the SDK does not retry these, so we do."""
+
+
+def _retries_taken(e: Exception) -> int:
+    """How many retries the SDK made before raising `e` (0 when it made none, as for 402/413)."""
+    request = getattr(e, "request", None)
+    try:
+        return int(request.headers.get(RETRY_COUNT_HEADER, 0)) if request is not None else 0
+    except (AttributeError, ValueError):
+        return 0
 
 
 class OpenAIClient:
@@ -237,9 +312,10 @@ class OpenAIClient:
 
     The asyncio loop runs in a background thread, so `stream` is an ordinary generator that
     stages may break out of. Retries: the SDK's own (429 honouring Retry-After, 408/409, 5xx,
-    timeouts, dropped connections; exponential backoff with jitter), counted per request from
-    the raw response; plus retries of malformed 200 bodies, which the SDK does not retry, from
-    the same `max_retries` budget.
+    timeouts, dropped connections; exponential backoff with jitter), plus retries of malformed
+    200 bodies, which the SDK does not retry, all from one `max_retries` budget per request and
+    counted as they happened (read back from the SDK's retry-count header, on success and on
+    failure alike).
     """
 
     backend = "openai"
@@ -252,18 +328,24 @@ class OpenAIClient:
         self.api = options.api
         self.totals = Totals()
         self._key = os.environ.get("OPENAI_API_KEY") or NO_KEY
+        url = options.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self._secrets = [s for s in [self._key, *url_secrets(url)] if s and s != NO_KEY]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-client", daemon=True)
         self._thread.start()
 
         async def build():
-            return openai.AsyncOpenAI(base_url=options.base_url or os.environ.get("OPENAI_BASE_URL") or None,
-                                      api_key=self._key, max_retries=options.max_retries, timeout=options.timeout)
+            return openai.AsyncOpenAI(base_url=url, api_key=self._key, max_retries=options.max_retries,
+                                      timeout=options.timeout)
 
-        self._client = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
-        self.base_url = str(self._client.base_url).rstrip("/")
+        try:
+            self._client = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
+        except (ValueError, TypeError, openai.OpenAIError) as e:  # an unparseable URL, say
+            self._stop_loop()
+            raise UserError(f"--base-url {redact_url(url or '')}: {self._scrub(str(e))}") from None
+        self.base_url = redact_url(str(self._client.base_url).rstrip("/"))  # only ever shown
         self._by_budget: dict[int, Any] = {options.max_retries: self._client}
-        _guard_key_in_logs(self._key)
+        _guard_secrets_in_logs(self._secrets)
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Response]:
         source = iter(requests)
@@ -279,12 +361,15 @@ class OpenAIClient:
                     in_flight.add(asyncio.run_coroutine_threadsafe(self._answer(request), self._loop))
                 if not in_flight:
                     return
-                done, in_flight = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
+                    in_flight.discard(future)
                     response = future.result()  # only UserError escapes _answer
                     self.totals.add(response)
                     yield response
         finally:
+            # Sent and never handed to the caller: the server may have done (and billed) the work.
+            self.totals.abandoned += len(in_flight)
             for future in in_flight:
                 future.cancel()
 
@@ -302,6 +387,9 @@ class OpenAIClient:
             await self._client.close()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result()
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -318,22 +406,33 @@ class OpenAIClient:
 
         retries = 0
         while True:
-            budget = self.options.max_retries - retries
+            budget = self.options.max_retries - retries  # never negative: see the two increments below
             try:
                 raw = await self._send(self._sdk(budget), request)
                 retries += raw.retries_taken
                 return self._response(request, raw.parse(), retries)
             except (openai.APIConnectionError, openai.APIStatusError) as e:  # APITimeoutError is a connection error
                 self._raise_if_fatal(e)
-                # The SDK gave up after spending the whole budget on retries.
-                return self._failure(request, retries + budget, self._describe(e))
+                retries += _retries_taken(e)  # the SDK stopped: budget spent, or not retryable (402, 413)
+                if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
+                    return self._failure(request, retries, self._rejection(e), rejected=True)
+                return self._failure(request, retries, self._describe(e))
             except _Malformed as e:
-                if budget == 0:
-                    return self._failure(request, retries, f"malformed response: {e}")
+                if retries >= self.options.max_retries:
+                    return self._failure(request, retries, f"malformed response from {self.base_url}: {e}")
                 await asyncio.sleep(backoff_delay(retries, self.options.retry_base_delay))
                 retries += 1
 
     async def _send(self, sdk, request: Request):
+        params = self.request_body(request)
+        if self.api == "chat":
+            raw = await sdk.chat.completions.with_raw_response.create(**params)
+        else:
+            raw = await sdk.completions.with_raw_response.create(**params)
+        return _CheckedRaw(raw)
+
+    def request_body(self, request: Request) -> dict[str, Any]:
+        """The JSON body of `request` for this client's endpoint (live, or one line of a batch file)."""
         params: dict[str, Any] = {"model": self.model, "temperature": request.temperature, "top_p": request.top_p,
                                   "max_tokens": request.max_tokens, "n": request.n}
         if request.stop:
@@ -342,10 +441,17 @@ class OpenAIClient:
         if seed is not None:
             params["seed"] = seed
         if self.api == "chat":
-            raw = await sdk.chat.completions.with_raw_response.create(messages=chat_messages(request), **params)
+            if request.top_logprobs:
+                params.update(logprobs=True, top_logprobs=request.top_logprobs)
+            if request.response_format:
+                params["response_format"] = json.loads(request.response_format)
+            params["messages"] = chat_messages(request)
         else:
-            raw = await sdk.completions.with_raw_response.create(prompt=completion_prompt(request), **params)
-        return _CheckedRaw(raw)
+            if request.top_logprobs:
+                # The legacy endpoint takes the count here, and OpenAI's allows at most 5.
+                params["logprobs"] = min(request.top_logprobs, COMPLETIONS_MAX_LOGPROBS)
+            params["prompt"] = completion_prompt(request)
+        return params
 
     def _response(self, request: Request, parsed, retries: int) -> Response:
         choices = sorted(parsed.choices, key=lambda c: c.index or 0)
@@ -358,14 +464,26 @@ class OpenAIClient:
                         prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
                         completion_tokens=(usage.completion_tokens or 0) if usage else 0,
                         request_id=parsed.id, model=parsed.model or self.model, backend=self.backend,
-                        retries=retries)
+                        retries=retries, top_logprobs=[self._first_token_alternatives(c) for c in choices]
+                        if request.top_logprobs else [])
 
-    def _failure(self, request: Request, retries: int, error: str) -> Response:
+    def _first_token_alternatives(self, choice) -> dict[str, float]:
+        """{token: logprob} of the first generated token; {} when the server sent none."""
+        logprobs = getattr(choice, "logprobs", None)
+        if logprobs is None:
+            return {}
+        if self.api == "chat":
+            content = getattr(logprobs, "content", None) or []
+            return {alt.token: alt.logprob for alt in (content[0].top_logprobs or [])} if content else {}
+        top = getattr(logprobs, "top_logprobs", None) or []
+        return dict(top[0]) if top and top[0] else {}
+
+    def _failure(self, request: Request, retries: int, error: str, rejected: bool = False) -> Response:
         return Response(request=request, model=self.model, backend=self.backend, retries=retries,
-                        error=self._scrub(error))
+                        error=self._scrub(error), rejected=rejected)
 
     def _raise_if_fatal(self, e: Exception) -> None:
-        """401/403/404/400 (and 422) mean every later request fails the same way: stop the stage."""
+        """401/403/404 mean every later request fails the same way: stop the stage."""
         import openai
 
         at = f"at {self.base_url}"
@@ -377,18 +495,20 @@ class OpenAIClient:
             endpoint = "chat/completions" if self.api == "chat" else "completions"
             raise UserError(f"not found {at}/{endpoint}: check --model {self.model!r}, --api {self.api} "
                             f"and --base-url") from None
-        if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
-            raise UserError(f"request rejected {at} ({e.status_code}): {self._server_message(e)}") from None
+
+    def _rejection(self, e) -> str:
+        return f"request rejected at {self.base_url} ({e.status_code}): {self._server_message(e)}"
 
     def _describe(self, e: Exception) -> str:
+        """One line naming the server and what really went wrong."""
         import openai
 
         if isinstance(e, openai.APITimeoutError):
-            return f"timed out after {self.options.timeout:g} s"
+            return f"timed out after {self.options.timeout:g} s waiting for {self.base_url}"
         if isinstance(e, openai.APIConnectionError):
-            return f"connection failed: {e.__cause__ or e}"
+            return f"cannot connect to {self.base_url}: {_connection_reason(e)}"
         if isinstance(e, openai.APIStatusError):
-            return f"HTTP {e.status_code}: {self._server_message(e)}"
+            return f"HTTP {e.status_code} from {self.base_url}: {self._server_message(e)}"
         return str(e)
 
     def _server_message(self, e) -> str:
@@ -397,7 +517,23 @@ class OpenAIClient:
         return self._scrub(" ".join(str(message or e.message).split())[:MAX_ERROR_CHARS])
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "[redacted]") if self._key != NO_KEY else text
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return redact_urls(text)
+
+
+def _connection_reason(e: Exception) -> str:
+    """The innermost cause of a connection error, as plain words: 'connection refused'."""
+    cause: BaseException = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+        # asyncio words a refused connection "Connect call failed (...)"; the errno says what it was.
+        words = os.strerror(cause.errno) if cause.errno else cause.strerror
+        return words[:1].lower() + words[1:]
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    text = text.split("] ", 1)[-1] if text.startswith("[Errno") else text  # "[Errno 111] Connection refused"
+    return (text[:1].lower() + text[1:])[:MAX_ERROR_CHARS]
 
 
 class _CheckedRaw:
@@ -475,7 +611,8 @@ class LocalClient:
         groups: dict[tuple, list] = {}
         for request in window:
             text, templated = self._render(request)
-            key = (request.temperature, request.top_p, request.max_tokens, request.stop, request.n, templated)
+            key = (request.temperature, request.top_p, request.max_tokens, request.stop, request.n, templated,
+                   request.top_logprobs > 0)
             groups.setdefault(key, []).append((request, text, templated))
         batches = []
         size = self.options.batch_size
@@ -491,6 +628,8 @@ class LocalClient:
         templated = batch[0][2]
         encoded = self.tokenizer([text for _, text, _ in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=not templated).to(self.lm.device)
+        if first.top_logprobs:
+            return self._next_token(batch, encoded)
         kwargs: dict[str, Any] = {"max_new_tokens": first.max_tokens, "num_return_sequences": first.n,
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if first.temperature > 0:
@@ -518,6 +657,41 @@ class LocalClient:
             responses.append(Response(request=request, texts=texts, finish_reasons=reasons,
                                       prompt_tokens=int(prompt_tokens[i]), completion_tokens=used,
                                       request_id=f"local-{request.key}", model=self.model, backend=self.backend))
+        return responses
+
+    def _next_token(self, batch: list[tuple[Request, str, bool]], encoded) -> list[Response]:
+        """One forward pass instead of a generation: the first answer token's log-probabilities.
+
+        Each row's top `top_logprobs` tokens plus its `logprob_tokens`; the text is the most
+        likely of them, as a one-token greedy answer would be. Left padding puts every row's
+        next token at the last position.
+        """
+        import numpy as np
+        import torch
+
+        with torch.inference_mode():
+            # Only the last position's logits: the full [batch, length, vocab] tensor of an
+            # 800-token Japanese judge prompt would be over a gigabyte per batch of 8.
+            logits = self.lm(**encoded, logits_to_keep=1).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+        responses = []
+        for i, (request, _, _) in enumerate(batch):
+            top = torch.topk(logprobs[i], request.top_logprobs)
+            ids = dict(zip(top.indices.tolist(), top.values.tolist()))
+            for token in request.logprob_tokens:
+                token_ids = self.tokenizer.encode(token, add_special_tokens=False)
+                if token_ids:  # a multi-token string is scored by its first token
+                    ids.setdefault(token_ids[0], logprobs[i, token_ids[0]].item())
+            alternatives: dict[str, float] = {}
+            for token_id, logprob in ids.items():  # two ids can decode to one string: add their probabilities
+                text = self.tokenizer.decode([token_id])
+                alternatives[text] = float(np.logaddexp(alternatives[text], logprob)) if text in alternatives else logprob
+            best = max(alternatives, key=alternatives.get)
+            responses.append(Response(request=request, texts=[best], finish_reasons=["length"],
+                                      prompt_tokens=int(prompt_tokens[i]), completion_tokens=1,
+                                      request_id=f"local-{request.key}", model=self.model, backend=self.backend,
+                                      top_logprobs=[alternatives]))
         return responses
 
     def _finish(self, tokens: list[int], request: Request) -> tuple[str, str, int]:

@@ -22,7 +22,7 @@ the usual names as defaults:
 Other kinds write Alpaca records `{instruction, input, output}` with the provenance fields
 `source` (input file name), `kind`, `source_row` (1-based row: row 1 is the first record, the
 line after a CSV header) and `language`. The instruction phrasing is picked with `--seed`
-from a few per kind and language (pipeline/convert_templates.py), in the record's language.
+from a few per kind and language (pipeline/convert_phrasings.py), in the record's language.
 A bad row (missing or empty field) is reported with its row number and skipped; a problem
 with the whole file (a column it does not have, a file it cannot read) stops before writing.
 """
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from pipeline import convert_templates as templates
-from pipeline.config import option, write_resolved_config
+from pipeline import convert_phrasings
+from pipeline.config import option, validate, write_resolved_config
 from pipeline.errors import UserError
-from pipeline.jsonl import check_output_path, read_records, write_jsonl_atomic
-from pipeline.lang import language_of
+from pipeline.jsonl import check_output_path, claim_outputs, locked_outputs, read_records, write_jsonl_atomic
+from pipeline.lang import language_in, language_of
 
 KINDS = ("qa", "translation", "classification", "summarization", "dialogue")
 
@@ -92,23 +92,24 @@ class Config:
     target_lang: str | None = option(None, "translation: target language code (default: detected per row)")
     text_column: str = option("text", "classification: the text column")
     label_column: str = option("label", "classification: the label column")
-    labels: str | None = option(None, "classification: comma-separated label list (default: labels seen)")
+    labels: str | None = option(None, "classification: label list separated by commas or 、 (default: labels seen)")
     document_column: str = option("document", "summarization: the document column")
     summary_column: str = option("summary", "summarization: the summary column")
     dialogue_column: str | None = option(None, "dialogue: the turns column (default: messages or conversations)")
 
     def __post_init__(self):
+        validate(self)  # bounds from the field metadata; the rules between fields follow
         if not self.in_path.strip():
             raise UserError("--in: give the file (or dataset name) to convert")
         if not self.out:
             object.__setattr__(self, "out", f"data/converted_{self.kind}.jsonl")
         if self.labels is not None and not self.label_list():
-            raise UserError("--labels: give at least one label, comma-separated (a,b,c)")
+            raise UserError("--labels: give at least one label, separated by commas or 、 (a,b,c or 肯定、否定)")
         if self.kind == "translation" and bool(self.source_lang) != bool(self.target_lang):
             raise UserError("--source-lang/--target-lang: give both language codes, or neither to detect them")
 
     def label_list(self) -> list[str]:
-        return [label.strip() for label in (self.labels or "").split(",") if label.strip()]
+        return convert_phrasings.split_labels(self.labels)
 
 
 @dataclass
@@ -240,10 +241,11 @@ class Converter:
         self.rng = random.Random(cfg.seed)
 
     def language(self, text: str) -> str:
-        return language_of(text) if self.cfg.language == "auto" else self.cfg.language
+        # Instruction phrasings exist in English and Japanese; other languages get English ones.
+        return language_in(text, ("en", "ja")) if self.cfg.language == "auto" else self.cfg.language
 
     def instruction(self, kind: str, language: str, **fields) -> str:
-        return self.rng.choice(templates.INSTRUCTIONS[kind][language]).format(**fields)
+        return self.rng.choice(convert_phrasings.INSTRUCTIONS[kind][language]).format(**fields)
 
     def convert(self, row: dict, row_number: int) -> dict:
         raise NotImplementedError
@@ -265,10 +267,10 @@ class QAConverter(Converter):
         answer = answer_text(row.get(self.answer), self.answer)
         language = self.language(context + question)
         if not answer:
-            answer = templates.UNANSWERABLE[language]
+            answer = convert_phrasings.UNANSWERABLE[language]
             self.stats.unanswerable += 1
         return {"instruction": self.instruction("qa", language),
-                "input": templates.QA_INPUT[language].format(context=context, question=question),
+                "input": convert_phrasings.QA_INPUT[language].format(context=context, question=question),
                 "output": answer, "language": language}
 
 
@@ -306,8 +308,8 @@ class TranslationConverter(Converter):
         target_code = self.cfg.target_lang or language_of(target)
         language = self.language(source)
         return {"instruction": self.instruction("translation", language,
-                                                source=templates.language_name(source_code, language),
-                                                target=templates.language_name(target_code, language)),
+                                                source=convert_phrasings.language_name(source_code, language),
+                                                target=convert_phrasings.language_name(target_code, language)),
                 "input": source, "output": target, "language": language,
                 "source_lang": source_code, "target_lang": target_code}
 
@@ -342,7 +344,7 @@ class ClassificationConverter(Converter):
         if label not in self.labels:
             raise BadRow("label not in --labels")
         language = self.language(text)
-        joined = templates.LABEL_SEPARATOR[language].join(self.labels)
+        joined = convert_phrasings.LABEL_SEPARATOR[language].join(self.labels)
         return {"instruction": self.instruction("classification", language, labels=joined),
                 "input": text, "output": label, "language": language, "is_classification": True}
 
@@ -477,9 +479,11 @@ def convert_rows(cfg: Config, rows, columns: list[str], features: dict | None = 
     return records, stats
 
 
+@locked_outputs
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.monotonic()
     out = check_output_path(cfg.out, "--out")
+    claim_outputs({"--in": cfg.in_path}, {"--out": out})
     in_path = Path(cfg.in_path)
     if in_path.suffix.lower() == ".jsonl" and in_path.is_file():
         # datasets' errors name a byte position at best; ours name the line, before datasets is even imported.
@@ -495,12 +499,12 @@ def run(cfg: Config, *, client=None) -> Stats:
                         "nothing was written")
     write_jsonl_atomic(out, records)
     stats.seconds = time.monotonic() - started
-    write_resolved_config(cfg, out, {"summary": summary_dict(stats)})
-    print(summary(cfg, stats))
+    write_resolved_config(cfg, out, {"summary": summarize(stats)})
+    print_summary(cfg, stats)
     return stats
 
 
-def summary_dict(stats: Stats) -> dict:
+def summarize(stats: Stats) -> dict:
     return {"rows_read": stats.rows_read, "converted": stats.converted, "skipped": dict(stats.skipped),
             "unanswerable": stats.unanswerable, "turns_skipped": dict(stats.turns_skipped),
             "turns_merged": stats.turns_merged, "languages": dict(stats.languages),
@@ -511,7 +515,7 @@ def _counts(counter: Counter) -> str:
     return ", ".join(f"{name} {n:,}" for name, n in counter.most_common())
 
 
-def summary(cfg: Config, stats: Stats) -> str:
+def print_summary(cfg: Config, stats: Stats) -> None:
     lines = [f"convert {cfg.kind}: {stats.rows_read:,} rows read from {cfg.in_path}, {stats.converted:,} converted, "
              f"{sum(stats.skipped.values()):,} skipped -> {stats.out} ({stats.seconds:.1f} s)"]
     if stats.skipped:
@@ -522,4 +526,4 @@ def summary(cfg: Config, stats: Stats) -> str:
         lines.append(f"  turns skipped: {_counts(stats.turns_skipped) or 'none'}; same-role turns merged: "
                      f"{stats.turns_merged:,}")
     lines.append(f"  languages: {_counts(stats.languages)}")
-    return "\n".join(lines)
+    print("\n".join(lines))

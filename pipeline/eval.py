@@ -1,7 +1,9 @@
-"""Loss, token accuracy, exact match, BLEU and ROUGE-L of a model on held-out data, beside a baseline.
+"""Loss, token accuracy, sequence accuracy, exact match, BLEU, chrF and ROUGE of a model on
+held-out data, beside a baseline, overall and per language, task kind and source.
 
+    python -m pipeline eval --model runs/sft --baseline SmolLM2-135M-Instruct --data heldout   # unseen tasks
     python -m pipeline eval --model runs/sft --baseline SmolLM2-135M-Instruct --data runs/sft/val.jsonl
-    python -m pipeline eval --data seeds            # the seed tasks' human-written instances
+    python -m pipeline eval --data seeds            # every seed task's human-written instances
     python -m pipeline eval --predictions answers.jsonl --out answers.eval.json   # no model
 
 Each model is scored twice on the same records and the same prompts: the template the tuned
@@ -12,34 +14,55 @@ alpaca), so the baseline shows what the model did with those prompts before fine
   in training), perplexity = exp(loss), and token accuracy (argmax equals the label, response
   tokens only). Records whose response does not fit in `--max-length` at all are counted as
   dropped and left out of these three.
-- generated: greedy decoding, batched with left padding, cut at EOS, then exact match (after
-  trimming and collapsing whitespace), sacrebleu corpus BLEU and mean ROUGE-L F1 against the
-  reference `output` (see `pipeline.metrics` for how BLEU treats English, Japanese and a mix).
+- generated: greedy decoding, batched with left padding, cut at EOS, then sequence accuracy
+  (the generated token ids are the reference's, EOS reached), exact match (normalised: NFKC,
+  whitespace, trailing 。．.!！), sacrebleu corpus BLEU (`ja-mecab` for Japanese) and chrF, and
+  ROUGE-1/2/L F1 with precision and recall, against the reference `output` (see
+  `pipeline.metrics`). Records sharing instruction and input are each other's extra references.
+- broken down (`breakdown` in eval.json, tables in eval.md) by language, by task kind
+  (classification: label accuracy; the others, e.g. generation or convert's qa: the text
+  measures) and by source (seed, generated, converted); a measure that does not apply to a
+  slice is absent, never 0.
+- what the limits cut, per language (`counts.tuned.by_language`, and printed): records
+  truncated or dropped at `--max-length`, references longer than `--max-new-tokens`
+  (Japanese costs SmolLM2 about 1.7 tokens a character; see `pipeline.token_budget`).
+
+`--data heldout` scores the instances of the held-out seed tasks (listed beside the seed file,
+see `pipeline.seeds`): tasks kept out of generate's and respond's examples and out of mix, with
+near-copies dropped by filter as `eval_overlap`, so they are unseen by the tuned model.
 
 `--predictions FILE` scores records that already carry `output` and `prediction` (and, when
 every record has it, `baseline_prediction`), so an API model's answers can be scored too;
-the teacher-forced measures do not apply there and are absent from the output, never 0.
+sequence accuracy compares the texts with their ends stripped; the teacher-forced measures do
+not apply there and are absent from the output, never 0.
 
-Writes `eval.json` (`--out`): `{"metrics", "baseline", "config", "counts"}`, fractions from 0
-to 1 except BLEU (0-100); `eval.md` beside it (metric | base | tuned | delta, also printed);
+Writes `eval.json` (`--out`): `{"metrics", "baseline", "breakdown", "config", "counts"}`, fractions from 0
+to 1 except BLEU and chrF (0-100), the BLEU tokenizer of each language with its version in
+`config.bleu_tokenize`; `eval.md` beside it (metric | base | tuned | delta, then one line per
+measure saying what it is, also printed);
 `eval_predictions.jsonl` with every record's predictions and scores; `eval.config.json`.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pipeline import metrics as M
-from pipeline.config import option, to_dict, write_resolved_config
-from pipeline.errors import InputError, UserError
-from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, write_json_atomic, write_jsonl_atomic
+from pipeline.cards import refresh_model_card_eval
+from pipeline.config import option, to_dict, validate, write_resolved_config
+from pipeline.errors import UserError
+from pipeline.jsonl import (atomic_write, check_output_path, claim_outputs, load_records, locked_outputs, write_json_atomic,
+                            write_jsonl_atomic)
+from pipeline.greedy import eos_token_ids, generate_answers  # also finetune's --eval-generate
 from pipeline.lang import language_of
-from pipeline.seeds import DEFAULT_SEEDS, instance_records, load_seeds
+from pipeline.records import TRAIN_CONFIG, train_settings, training_record_validator
+from pipeline.seeds import DEFAULT_SEEDS, heldout_path_for, instance_records, load_seed_split, load_seeds
+from pipeline.token_budget import describe as describe_cuts
+from pipeline.token_budget import eval_cuts
 
 DEFAULT_TEMPLATE = "alpaca"
 # Stanford Alpaca's training length; used when the model folder does not say what it was trained with.
@@ -51,17 +74,39 @@ DEFAULT_MAX_NEW_TOKENS = 256
 # raise it on a GPU.
 DEFAULT_BATCH_SIZE = 8
 SEEDS_DATA = "seeds"  # the `--data` value that means the seed tasks' instances
-TRAIN_CONFIG = "train_config.json"  # written by `finetune` into its output folder
+HELDOUT_DATA = "heldout"  # the `--data` value that means the held-out (unseen) seed tasks' instances
 
-METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "bleu", "rouge_l")
+ROUGE_KEYS = tuple(f"{name}{part}" for name in ("rouge_1", "rouge_2", "rouge_l") for part in ("", "_precision", "_recall"))
+METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "sequence_accuracy", "exact_match", "label_accuracy",
+                "bleu", "chrf") + ROUGE_KEYS
+# What each measure is, one line each under the eval.md tables.
+METRIC_DEFINITIONS = {
+    "loss": "mean cross-entropy (nats) of the reference answer's tokens, teacher-forced, token-weighted",
+    "perplexity": "exp(loss)",
+    "token_accuracy": "share of the reference answer's tokens that are the model's top prediction, teacher-forced",
+    "sequence_accuracy": "share of answers that are the reference token for token, ending where it ends (strict; "
+                         "with --predictions: the same text once the ends are stripped)",
+    "exact_match": "share of answers equal to the reference after normalising: NFKC, whitespace, no space beside "
+                   "Japanese, no trailing 。．.!！ (「３６００円。」 = 「3600円」)",
+    "label_accuracy": "classification records only: share whose answer is the reference label (as exact_match)",
+    "bleu": "sacrebleu corpus BLEU, 0-100: n-gram precision of the answers, with a brevity penalty, pooled over "
+            "records; tokenizers: {tokenizers}",
+    "chrf": "sacrebleu corpus chrF, 0-100: character 6-gram F-score (beta 2), no tokenizer, so the same in every language",
+    "rouge_1": "mean ROUGE-1 F1: shared words (English) or characters (Japanese) between answer and reference",
+    "rouge_2": "mean ROUGE-2 F1: the same on pairs of adjacent tokens",
+    "rouge_l": "mean ROUGE-L F1: the longest common subsequence of tokens (pipeline.similarity's ROUGE-L)",
+    "_precision": "of the answer's tokens (n-grams, LCS), the share found in the reference",
+    "_recall": "of the reference's, the share found in the answer: ROUGE as first defined, recall of the reference",
+}
+# The measures each breakdown table shows (eval.json has them all).
+SLICE_TABLE_KEYS = ("token_accuracy", "sequence_accuracy", "exact_match", "label_accuracy", "chrf", "rouge_l")
+BREAKDOWNS = ("language", "kind", "source")
+CLASSIFICATION = "classification"
+UNLIMITED_LENGTH = 1 << 30  # no cut: a reference's own token ids, whatever --max-length is
+DEFAULT_JUDGE_MODEL = "SmolLM2-135M-Instruct"  # the embedded model, as every stage's default backend
+JUDGE_CACHE = "judge_cache"  # beside eval.json: a rerun replays the judge's answers instead of paying again
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
-DATA_FIELDS = {
-    "instruction": (str, True, True),
-    "input": (str, False, False),
-    "output": (str, True, False),
-}
-MESSAGE_FIELDS = {"role": (str, True, True), "content": (str, True, False)}
 PREDICTION_FIELDS = {
     "instruction": (str, False, False),
     "input": (str, False, False),
@@ -74,30 +119,33 @@ PREDICTION_FIELDS = {
 @dataclass(frozen=True)
 class Config:
     model: str = option("runs/sft", "the model to evaluate: a Hugging Face folder, or SmolLM2-135M-Instruct")
-    data: str = option("runs/sft/val.jsonl", f"held-out records (JSONL with instruction/input/output), or `{SEEDS_DATA}` for the seed tasks' human-written instances")
+    data: str = option("runs/sft/val.jsonl", f"held-out records (JSONL with instruction/input/output), `{HELDOUT_DATA}` for the "
+                       f"unseen (held-out) seed tasks' instances, or `{SEEDS_DATA}` for every seed task's")
     baseline: str | None = option(None, "a second model scored the same way for comparison, e.g. the model before fine-tuning")
     out: str = option("runs/sft/eval.json", "where eval.json goes; eval.md and eval_predictions.jsonl go beside it")
     predictions: str | None = option(None, "score a JSONL whose records carry `output` and `prediction` (optionally `baseline_prediction`); no model is loaded")
     template: Literal["alpaca", "chat"] | None = option(None, f"prompt template (default: the one in <model>/{TRAIN_CONFIG}, else {DEFAULT_TEMPLATE})")
-    max_length: int | None = option(None, f"token limit of prompt + response for the teacher-forced measures (default: <model>/{TRAIN_CONFIG}'s, else {DEFAULT_MAX_LENGTH})")
-    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens generated per answer")
-    batch_size: int = option(DEFAULT_BATCH_SIZE, "records per forward pass and per generate call")
-    limit: int | None = option(None, "evaluate only the first N records")
-    seeds: str = option(DEFAULT_SEEDS, f"the seed file `--data {SEEDS_DATA}` reads")
+    max_length: int | None = option(None, f"token limit of prompt + response for the teacher-forced measures (default: <model>/{TRAIN_CONFIG}'s, else {DEFAULT_MAX_LENGTH})",
+                                   min=2)
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens generated per answer", min=1)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "records per forward pass and per generate call", min=1)
+    limit: int | None = option(None, "evaluate only the first N records", min=1)
+    seeds: str = option(DEFAULT_SEEDS, f"the seed file `--data {SEEDS_DATA}` and `--data {HELDOUT_DATA}` read")
     device: str = option("auto", "cuda, mps, cpu, or auto")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "weights' precision (auto: bf16 on a GPU that has it, else fp32)")
+    judge_backend: Literal["local", "openai"] | None = option(None, "judge tuned against base on every record with this "
+                                                                  "backend (pairwise, both orders; see pipeline.win_rate)")
+    judge_base_url: str | None = option(None, "the judge's OpenAI-compatible server (default: $OPENAI_BASE_URL)")
+    judge_model: str = option(DEFAULT_JUDGE_MODEL, "the judge: a model name (openai) or local model folder")
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size: must be at least 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"--limit: must be at least 1, got {self.limit}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length: must be at least 2, got {self.max_length}")
+        validate(self)  # bounds from the field metadata; the rules between fields follow
         if self.predictions is not None and self.baseline is not None:
             raise UserError("--baseline: not used with --predictions (put `baseline_prediction` in the records instead)")
+        if self.judge_backend is not None and self.predictions is None and self.baseline is None:
+            raise UserError("--judge-backend: judges the tuned model against the base one: give --baseline too")
+        if self.judge_backend is None and self.judge_base_url is not None:
+            raise UserError("--judge-base-url: needs --judge-backend openai")
 
 
 @dataclass
@@ -116,8 +164,61 @@ class ModelScores:
 
     metrics: dict[str, float]
     predictions: list[str]
-    record_loss: list[float | None]
+    # Per record: teacher-forced (summed loss, argmax hits, tokens), None where nothing was scored.
+    record_sums: list[tuple[float, int, int] | None]
+    sequence_hits: list[bool]
     counts: dict
+
+    def record_loss(self, i: int) -> float | None:
+        sums = self.record_sums[i]
+        return None if sums is None else sums[0] / sums[2]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The records with what every measure needs about each: its references, language, kind, source."""
+
+    records: list[dict]
+    references: list[list[str]]  # its own reference first, then those of records with the same prompt
+    languages: list[str]
+    kinds: list[str]
+    sources: list[str]
+
+    def slices(self, dimension: str) -> dict[str, list[int]]:
+        values = {"language": self.languages, "kind": self.kinds, "source": self.sources}[dimension]
+        return {value: [i for i, v in enumerate(values) if v == value] for value in sorted(set(values))}
+
+
+def kind_of(record: dict) -> str:
+    """`classification`, convert's task kind (qa, translation, ...), else `generation`."""
+    if record.get("is_classification") is True or record.get("kind") == CLASSIFICATION:
+        return CLASSIFICATION
+    kind = record.get("kind")
+    return kind if isinstance(kind, str) and kind else "generation"
+
+
+def source_of(record: dict) -> str:
+    """`seed` (human-written), `converted` (from a dataset by `convert`) or `generated` (the pipeline's own)."""
+    if record.get("source") == "seed":
+        return "seed"
+    return "converted" if "source_row" in record else "generated"
+
+
+def prompt_key(record: dict) -> str:
+    """What makes two records the same question: instruction and input, or every turn before the answer."""
+    if "messages" in record:
+        return repr([(turn["role"], turn["content"]) for turn in record["messages"][:-1]])
+    return repr((record.get("instruction", ""), record.get("input") or ""))
+
+
+def build_eval_set(records: list[dict]) -> EvalSet:
+    own = [reference_of(r) for r in records]
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(prompt_key(record), []).append(i)
+    references = [[own[i]] + [own[j] for j in groups[prompt_key(r)] if j != i] for i, r in enumerate(records)]
+    return EvalSet(records, references, [language_of(ref) for ref in own], [kind_of(r) for r in records],
+                   [source_of(r) for r in records])
 
 
 def output_paths(out) -> tuple[Path, Path, Path]:
@@ -133,30 +234,18 @@ def load_eval_records(cfg: Config) -> list[dict]:
         records = load_records(cfg.predictions, PREDICTION_FIELDS)
     elif cfg.data == SEEDS_DATA:
         records = instance_records(load_seeds(cfg.seeds))
+    elif cfg.data == HELDOUT_DATA:
+        heldout = load_seed_split(cfg.seeds).heldout
+        if not heldout:
+            raise UserError(f"--data {HELDOUT_DATA}: {cfg.seeds} has no held-out tasks: list their ids in "
+                            f"{heldout_path_for(cfg.seeds)} (`python -m pipeline.seeds {cfg.seeds}` writes a seeded choice)")
+        records = instance_records(heldout)
     else:
-        records = load_records(cfg.data, validate=_data_validator(cfg.data))
+        # What finetune trains on, with the reference answer as the last turn.
+        records = load_records(cfg.data, validate=training_record_validator(cfg.data, reference_last=True))
     if cfg.limit is not None:
         records = records[: cfg.limit]
     return records
-
-
-def _data_validator(path):
-    """An Alpaca record with `output`, or a `messages` conversation that ends with the assistant's turn."""
-    def validate(record: dict, line: int) -> None:
-        if "messages" not in record:
-            check_fields(record, DATA_FIELDS, path, line)
-            return
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(path, line, "messages", "expected a non-empty list of {role, content} turns")
-        for i, message in enumerate(messages):
-            try:
-                check_fields(message, MESSAGE_FIELDS, path, line)
-            except InputError as e:
-                raise InputError(path, line, f"messages[{i}].{e.field}" if e.field else f"messages[{i}]", e.problem) from None
-        if messages[-1]["role"] != "assistant":
-            raise InputError(path, line, "messages", "the last turn must be the assistant's (it is the reference answer)")
-    return validate
 
 
 def reference_of(record: dict) -> str:
@@ -164,35 +253,26 @@ def reference_of(record: dict) -> str:
     return record["output"] if "output" in record else record["messages"][-1]["content"]
 
 
-def train_settings(model_dir: Path) -> dict:
-    """template and max_length recorded by `finetune` in the model folder (empty when absent)."""
-    path = model_dir / TRAIN_CONFIG
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    nested = data.get("config") if isinstance(data.get("config"), dict) else {}
-    return {key: data.get(key, nested.get(key)) for key in ("template", "max_length")
-            if data.get(key, nested.get(key)) is not None}
-
-
+@locked_outputs
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.perf_counter()
     out, md_path, predictions_path = output_paths(cfg.out)
     for path in (out, md_path, predictions_path):
         check_output_path(path, "--out")
-    records = load_eval_records(cfg)
-    references = [reference_of(r) for r in records]
-    languages = [language_of(ref) for ref in references]
-    counts: dict = {"records": len(records), "languages": {lang: languages.count(lang) for lang in sorted(set(languages))}}
+    models = [m for m in (cfg.model, cfg.baseline) if cfg.predictions is None and m]
+    claim_outputs({"--data": None if cfg.data in (SEEDS_DATA, HELDOUT_DATA) else cfg.data, "--seeds": cfg.seeds,
+                   "--predictions": cfg.predictions, "--model": [Path(m) / name for m in models for name in ("config.json", TRAIN_CONFIG)]},
+                  {"--out": [out, md_path, predictions_path]})
+    data = build_eval_set(load_eval_records(cfg))
+    languages = data.languages
+    counts: dict = {"records": len(data.records), "languages": {lang: languages.count(lang) for lang in sorted(set(languages))},
+                    "with_several_references": sum(len(refs) > 1 for refs in data.references)}
     resolved: dict = {}
 
     if cfg.predictions is not None:
-        tuned, base, names = score_predictions(records, references, languages, cfg)
+        tuned, base, names = score_predictions(data, cfg)
     else:
-        tuned, base, names, resolved = score_models(records, references, languages, cfg)
+        tuned, base, names, resolved = score_models(data, cfg)
         counts["tuned"] = tuned.counts
         if base is not None:
             counts["baseline"] = base.counts
@@ -200,48 +280,99 @@ def run(cfg: Config, *, client=None) -> Stats:
     result = {"metrics": tuned.metrics}
     if base is not None:
         result["baseline"] = base.metrics
-    result["config"] = {**to_dict(cfg), **resolved, "bleu_tokenize": {lang: M.bleu_tokenize_for(lang) for lang in sorted(set(languages))}}
+    result["breakdown"] = breakdown(data, tuned, base)
+    judged = None
+    if cfg.judge_backend is not None:
+        judged = judged_comparison(cfg, data, tuned, base, client)
+        result["judge"] = judged.summary
+    # The tokenizer with its version (`ja-mecab-0.996-IPA`): BLEU is only comparable under the same one.
+    tokenizers = {lang: M.bleu_tokenizer_signature(lang) for lang in sorted(set(languages))}
+    result["config"] = {**to_dict(cfg), **resolved, "bleu_tokenize": tokenizers}
     result["counts"] = counts
     seconds = time.perf_counter() - started
     result["seconds"] = round(seconds, 2)
 
-    table = markdown_report(tuned.metrics, base.metrics if base else None, names, cfg, len(records))
-    write_jsonl_atomic(predictions_path, prediction_rows(records, languages, tuned, base))
+    table = markdown_report(result, names, cfg, data, tokenizers)
+    write_jsonl_atomic(predictions_path, prediction_rows(data, tuned, base, judged.per_record if judged else None))
     write_json_atomic(out, result)
     with atomic_write(md_path) as f:
         f.write(table)
+    if cfg.predictions is None:  # the model's own card (finetune's README.md) shows its latest evaluation
+        refresh_model_card_eval(cfg.model, table)
     write_resolved_config(cfg, out, {"resolved": resolved})
     print(table)
+    print_counts(counts)
+    print(f"{len(data.records):,} records ({', '.join(f'{n} {lang}' for lang, n in counts['languages'].items())}) in {seconds:.1f} s; "
+          f"wrote {out}, {md_path}, {predictions_path}")
+    return Stats(tuned.metrics, base.metrics if base else None, counts, out, seconds, [out, md_path, predictions_path])
+
+
+def judged_comparison(cfg: Config, data: EvalSet, tuned: ModelScores, base: ModelScores | None, client=None):
+    """`pipeline.win_rate.compare` of the two answers of every record, with the judge from the flags."""
+    from pipeline.backends import BackendOptions, open_client
+    from pipeline.judging import JudgeSettings
+    from pipeline.win_rate import Compared, compare
+
+    if base is None:
+        raise UserError(f"--judge-backend: {cfg.predictions}: every record needs `baseline_prediction` to compare with")
+    options = BackendOptions(backend=cfg.judge_backend, model=cfg.judge_model, base_url=cfg.judge_base_url,
+                             device=cfg.device, cache_dir=str(Path(cfg.out).parent / JUDGE_CACHE))
+    items = [Compared(f"r{i}", *question_of(record), data.references[i][0], tuned.predictions[i], base.predictions[i],
+                      data.languages[i]) for i, record in enumerate(data.records)]
+    judge = open_client(options, client)
+    try:
+        return compare(judge, items, JudgeSettings())
+    finally:
+        judge.close()
+
+
+def question_of(record: dict) -> tuple[str, str]:
+    """(instruction, input) as the judge is shown them: a chat record's last user turn is its instruction."""
+    if "messages" in record:
+        return next(t["content"] for t in reversed(record["messages"][:-1]) if t["role"] == "user"), ""
+    return record.get("instruction", ""), record.get("input") or ""
+
+
+def print_counts(counts: dict) -> None:
     for label in ("tuned", "baseline"):
         if label in counts:
             c = counts[label]
             print(f"{label}: {c['scored_records']:,} records teacher-forced ({c['dropped']} dropped, {c['truncated']} truncated, "
                   f"{c['response_tokens']:,} response tokens); {c['generated_tokens']:,} tokens generated, "
                   f"{c['hit_max_new_tokens']} answers hit --max-new-tokens, {c['empty_predictions']} empty; {c['seconds']:.1f} s")
-    print(f"{len(records):,} records ({', '.join(f'{n} {lang}' for lang, n in counts['languages'].items())}) in {seconds:.1f} s; "
-          f"wrote {out}, {md_path}, {predictions_path}")
-    return Stats(tuned.metrics, base.metrics if base else None, counts, out, seconds, [out, md_path, predictions_path])
+            print(f"{label}: cut per language: {describe_cuts(c['by_language'])}")
 
 
-def score_predictions(records: list[dict], references: list[str], languages: list[str],
-                      cfg: Config) -> tuple[ModelScores, ModelScores | None, dict]:
+def set_metrics(data: EvalSet, predictions: list[str], sequence_hits: list[bool],
+                teacher_forced_sums: tuple[float, int, int] | None = None) -> dict[str, float]:
+    """Every measure of one model on the whole set; `label_accuracy` when it has classification records."""
+    metrics = M.teacher_forced_metrics(*teacher_forced_sums) if teacher_forced_sums else {}
+    metrics.update(M.generation_metrics(predictions, data.references, data.languages, sequence_hits))
+    classified = data.slices("kind").get(CLASSIFICATION)
+    if classified:
+        metrics.update(M.slice_metrics(classified, predictions, data.references, data.languages, classification=True))
+    return metrics
+
+
+def score_predictions(data: EvalSet, cfg: Config) -> tuple[ModelScores, ModelScores | None, dict]:
     """`--predictions`: the answers are in the records; `baseline_prediction` too when every record has one."""
-    none = [None] * len(records)
-    preds = [r["prediction"] for r in records]
-    tuned = ModelScores(M.generation_metrics(preds, references, languages), preds, none, {})
-    base = None
-    if all("baseline_prediction" in r for r in records):
-        preds = [r["baseline_prediction"] for r in records]
-        base = ModelScores(M.generation_metrics(preds, references, languages), preds, none, {})
+
+    def scores(key: str) -> ModelScores:
+        preds = [r[key] for r in data.records]
+        hits = [M.matches_any(M.same_text, p, refs) for p, refs in zip(preds, data.references)]
+        return ModelScores(set_metrics(data, preds, hits), preds, [None] * len(preds), hits, {})
+
+    tuned = scores("prediction")
+    base = scores("baseline_prediction") if all("baseline_prediction" in r for r in data.records) else None
     return tuned, base, {"tuned": cfg.predictions, "base": "baseline_prediction" if base else None}
 
 
-def score_models(records: list[dict], references: list[str], languages: list[str],
-                 cfg: Config) -> tuple[ModelScores, ModelScores | None, dict, dict]:
+def score_models(data: EvalSet, cfg: Config) -> tuple[ModelScores, ModelScores | None, dict, dict]:
     """Both models on the records, with the template and length the tuned one was trained with."""
     from pipeline.models import load_tokenizer, resolve_model
     from pipeline.templates import prompt_ids
 
+    records = data.records
     settings = train_settings(resolve_model(cfg.model))
     resolved = {"template": cfg.template or settings.get("template", DEFAULT_TEMPLATE),
                 "max_length": cfg.max_length or int(settings.get("max_length", DEFAULT_MAX_LENGTH))}
@@ -254,33 +385,78 @@ def score_models(records: list[dict], references: list[str], languages: list[str
             prompt_ids(records[0], resolved["template"], load_tokenizer(name))
         except ValueError as e:
             raise UserError(f"--template {resolved['template']}: {name}: {e}") from None
-    tuned = score_model(cfg.model, records, references, languages, cfg, resolved, "tuned")
+    tuned = score_model(cfg.model, data, cfg, resolved, "tuned")
     base = None
     if cfg.baseline is not None:
-        base = score_model(cfg.baseline, records, references, languages, cfg, resolved, "base")
+        base = score_model(cfg.baseline, data, cfg, resolved, "base")
     return tuned, base, {"tuned": cfg.model, "base": cfg.baseline}, resolved
 
 
-def score_model(name: str, records: list[dict], references: list[str], languages: list[str],
-                cfg: Config, resolved: dict, label: str) -> ModelScores:
-    """Load one model, run both kinds of measure on `records`, and free it again."""
+def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: str) -> ModelScores:
+    """Load one model, run both kinds of measure on the records, and free it again."""
     from pipeline.models import load_model, load_tokenizer
 
     started = time.perf_counter()
+    records, template = data.records, resolved["template"]
     tokenizer = load_tokenizer(name)
     model = load_model(name, device=cfg.device, dtype=cfg.dtype)
     try:
-        sums, record_loss, tf_counts = teacher_forced(model, tokenizer, records, resolved["template"],
+        sums, record_sums, tf_counts = teacher_forced(model, tokenizer, records, template,
                                                       resolved["max_length"], cfg.batch_size, label)
-        predictions, gen_counts = generate_answers(model, tokenizer, records, resolved["template"],
-                                                   cfg.max_new_tokens, cfg.batch_size, label)
+        predictions, gen_counts, answer_ids = generate_answers(model, tokenizer, records, template,
+                                                               cfg.max_new_tokens, cfg.batch_size, label)
+        eos_ids = eos_token_ids(model, tokenizer)
     finally:
         del model
         gc.collect()
         _empty_device_cache()
-    metrics = {**M.teacher_forced_metrics(*sums), **M.generation_metrics(predictions, references, languages)}
+    hits = [ids is not None and any(ids == reference_answer_ids(r, ref, tokenizer, template, eos_ids) for ref in refs)
+            for r, refs, ids in zip(records, data.references, answer_ids)]
+    metrics = set_metrics(data, predictions, hits, sums)
     seconds = round(time.perf_counter() - started, 2)
-    return ModelScores(metrics, predictions, record_loss, {**tf_counts, **gen_counts, "seconds": seconds})
+    own = [refs[0] for refs in data.references]
+    cuts = eval_cuts(tokenizer, records, own, data.languages, template, resolved["max_length"], cfg.max_new_tokens)
+    return ModelScores(metrics, predictions, record_sums, hits, {**tf_counts, **gen_counts, "by_language": cuts, "seconds": seconds})
+
+
+def reference_answer_ids(record: dict, reference: str, tokenizer, template: str, eos_ids: list[int]) -> list[int]:
+    """The token ids training teaches as `record`'s answer when it is `reference`, up to its EOS:
+    what `sequence_accuracy` compares a generated answer (cut at EOS) with."""
+    from pipeline.templates import encode_example
+
+    if "messages" in record:
+        record = {**record, "messages": record["messages"][:-1] + [{**record["messages"][-1], "content": reference}]}
+    else:
+        record = {**record, "output": reference}
+    example = encode_example(record, tokenizer, template, max_length=UNLIMITED_LENGTH)
+    ids = [t for t, label in zip(example.input_ids, example.labels) if label != M.IGNORE_INDEX]
+    end = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
+    return ids[:end]
+
+
+def breakdown(data: EvalSet, tuned: ModelScores, base: ModelScores | None) -> dict:
+    """`{dimension: {slice: {"records", "tuned", "baseline"}}}` for language, kind and source."""
+    out: dict = {}
+    for dimension in BREAKDOWNS:
+        out[dimension] = {}
+        for value, indices in data.slices(dimension).items():
+            classification = dimension == "kind" and value == CLASSIFICATION
+            entry = {"records": len(indices), "tuned": slice_scores(indices, data, tuned, classification)}
+            if base is not None:
+                entry["baseline"] = slice_scores(indices, data, base, classification)
+            out[dimension][value] = entry
+    return out
+
+
+def slice_scores(indices: list[int], data: EvalSet, scores: ModelScores, classification: bool) -> dict[str, float]:
+    """One model's measures on one slice: label accuracy for classification, else teacher-forced and text measures."""
+    text = M.slice_metrics(indices, scores.predictions, data.references, data.languages, scores.sequence_hits,
+                           classification)
+    if classification:
+        return text
+    sums = [scores.record_sums[i] for i in indices if scores.record_sums[i] is not None]
+    teacher = M.teacher_forced_metrics(*(sum(column) for column in zip(*sums))) if sums else {}
+    return {**teacher, **text}
 
 
 def _empty_device_cache() -> None:
@@ -291,9 +467,9 @@ def _empty_device_cache() -> None:
 
 
 def teacher_forced(model, tokenizer, records: list[dict], template: str, max_length: int,
-                   batch_size: int, label: str) -> tuple[tuple[float, int, int], list[float | None], dict]:
-    """Summed response cross-entropy, argmax hits and token count over `records`, plus each
-    record's mean loss (None when its response was cut away entirely)."""
+                   batch_size: int, label: str) -> tuple[tuple[float, int, int], list[tuple[float, int, int] | None], dict]:
+    """Summed response cross-entropy, argmax hits and token count over `records`, plus the same
+    three per record (None when its response was cut away entirely), for the breakdowns."""
     import torch
     from tqdm import tqdm
 
@@ -306,7 +482,7 @@ def teacher_forced(model, tokenizer, records: list[dict], template: str, max_len
     kept.sort(key=lambda i: -len(encoded[i].input_ids))
     pad_id = tokenizer.pad_token_id
     device = model.device
-    record_loss: list[float | None] = [None] * len(records)
+    record_sums: list[tuple[float, int, int] | None] = [None] * len(records)
     loss_sum, correct, tokens = 0.0, 0, 0
     with torch.inference_mode(), tqdm(total=len(kept), desc=f"{label}: teacher-forced", unit="rec") as bar:
         for start in range(0, len(kept), batch_size):
@@ -332,82 +508,40 @@ def teacher_forced(model, tokenizer, records: list[dict], template: str, max_len
                 logits = model(**inputs).logits
             sums = M.token_sums(logits, labels[:, width - keep:].to(device))
             for row, i in enumerate(batch):
-                record_loss[i] = sums.loss[row] / sums.tokens[row]
+                record_sums[i] = (sums.loss[row], sums.correct[row], sums.tokens[row])
             loss_sum += sum(sums.loss)
             correct += sum(sums.correct)
             tokens += sum(sums.tokens)
             bar.update(len(batch))
     counts = {"scored_records": len(kept), "response_tokens": tokens,
               "truncated": sum(e.truncated for e in encoded), "dropped": len(records) - len(kept)}
-    return (loss_sum, correct, tokens), record_loss, counts
+    return (loss_sum, correct, tokens), record_sums, counts
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: the tokenizer's EOS (what training appended) and the model's."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def generate_answers(model, tokenizer, records: list[dict], template: str, max_new_tokens: int,
-                     batch_size: int, label: str) -> tuple[list[str], dict]:
-    """Greedy answers to each record's prompt, cut at the first EOS."""
-    import torch
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
-    from pipeline.templates import prompt_ids
-
-    # The very ids training put before each response (not a re-tokenized string), so the
-    # model continues the sequence it learnt to continue.
-    prompts = [prompt_ids(r, template, tokenizer) for r in records]
-    eos_ids = eos_token_ids(model, tokenizer)
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
-    tokenizer.padding_side = "left"  # decoder-only models continue from the last position of each row
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-    generated_tokens = hit_limit = 0
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=f"{label}: generate", unit="rec") as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start: start + batch_size]
-            enc = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, padding=True,
-                                return_tensors="pt").to(model.device)
-            out = model.generate(**enc, generation_config=generation)
-            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
-            for row, i in enumerate(batch):
-                ids = new_tokens[row]
-                end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-                if end is None:
-                    hit_limit += 1
-                    end = len(ids)
-                generated_tokens += end
-                answers[i] = tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
-            bar.update(len(batch))
-    counts = {"generated_tokens": generated_tokens, "hit_max_new_tokens": hit_limit,
-              "empty_predictions": sum(not a for a in answers)}
-    return answers, counts
-
-
-def prediction_rows(records: list[dict], languages: list[str], tuned: ModelScores,
-                    base: ModelScores | None) -> list[dict]:
-    """One readable line per record: the reference, each model's answer, and its scores."""
+def prediction_rows(data: EvalSet, tuned: ModelScores, base: ModelScores | None,
+                    judged: dict[str, dict] | None = None) -> list[dict]:
+    """One readable line per record: the reference(s), each model's answer, its scores and the judge's verdict."""
     rows = []
-    for i, (record, lang) in enumerate(zip(records, languages)):
-        row = {key: record[key] for key in ("id", "instruction", "input") if key in record}
+    for i, record in enumerate(data.records):
+        row = {key: record[key] for key in ("id", "task_id", "instruction", "input") if key in record}
         if "messages" in record:
             row["messages"] = record["messages"][:-1]
-        row.update(output=reference_of(record), language=lang)
+        refs = data.references[i]
+        row.update(output=refs[0], language=data.languages[i], kind=data.kinds[i], source=data.sources[i])
+        if len(refs) > 1:
+            row["other_references"] = refs[1:]
         for prefix, scores in (("", tuned), ("baseline_", base)):
             if scores is None:
                 continue
             prediction = scores.predictions[i]
             row[f"{prefix}prediction"] = prediction
-            row[f"{prefix}exact_match"] = M.exact_match(prediction, row["output"])
-            row[f"{prefix}rouge_l"] = round(M.rouge_l_f1(prediction, row["output"]), 4)
-            if scores.record_loss[i] is not None:
-                row[f"{prefix}loss"] = round(scores.record_loss[i], 4)
+            row[f"{prefix}sequence_match"] = scores.sequence_hits[i]
+            row[f"{prefix}exact_match"] = M.matches_any(M.exact_match, prediction, refs)
+            row[f"{prefix}rouge_l"] = round(M.best_rouge(M.rouge_l, prediction, refs).f1, 4)
+            if scores.record_sums[i] is not None:
+                row[f"{prefix}loss"] = round(scores.record_loss(i), 4)
+        if judged is not None:
+            row["judge"] = judged[f"r{i}"]
         rows.append(row)
     return rows
 
@@ -415,25 +549,84 @@ def prediction_rows(records: list[dict], languages: list[str], tuned: ModelScore
 def _format(metric: str, value: float | None) -> str:
     if value is None:
         return "—"
-    if metric.startswith("bleu") or metric == "perplexity":
+    if metric.startswith(("bleu", "chrf")) or metric == "perplexity":
         return f"{value:.2f}"
     return f"{value:.4f}"
 
 
-def markdown_report(tuned: dict, base: dict | None, names: dict, cfg: Config, n_records: int) -> str:
-    """The table metric | base | tuned | delta, with what was compared above it."""
-    data = cfg.predictions or cfg.data
-    lines = [f"# Eval on {data} ({n_records:,} records)", "",
-             f"base: {names['base'] or '(none)'}  ", f"tuned: {names['tuned']}", "",
-             "| metric | base | tuned | delta |", "| --- | ---: | ---: | ---: |"]
-    keys = [k for k in METRIC_ORDER if k in tuned or (base and k in base)]
-    keys += sorted(k for k in {*tuned, *(base or {})} if k not in METRIC_ORDER)
+def _row(cells: list[str], key: str, tuned: dict, base: dict | None) -> str:
+    b = base.get(key) if base else None
+    t = tuned.get(key)
+    delta = "—" if b is None or t is None else ("+" if t - b >= 0 else "") + _format(key, t - b)
+    return "| " + " | ".join(cells + [_format(key, b), _format(key, t), delta]) + " |"
+
+
+def _ordered(keys) -> list[str]:
+    keys = set(keys)
+    return [k for k in METRIC_ORDER if k in keys] + sorted(keys - set(METRIC_ORDER))
+
+
+def report_title(cfg: Config, data: EvalSet) -> list[str]:
+    n = len(data.records)
+    if cfg.predictions is None and cfg.data == HELDOUT_DATA:
+        tasks = len({r.get("task_id") for r in data.records})
+        return [f"# Eval on unseen tasks: {tasks} held-out seed tasks of {cfg.seeds} ({n:,} records)", "",
+                "Held out from generate's and respond's examples and from mix; filter and generate dropped "
+                "instructions close to them (`eval_overlap`), so the tuned model never trained on these tasks.", ""]
+    return [f"# Eval on {cfg.predictions or cfg.data} ({n:,} records)", ""]
+
+
+def markdown_report(result: dict, names: dict, cfg: Config, data: EvalSet, tokenizers: dict[str, str]) -> str:
+    """The table metric | base | tuned | delta, the breakdown tables, then what each measure means."""
+    tuned, base = result["metrics"], result.get("baseline")
+    lines = report_title(cfg, data) + [f"base: {names['base'] or '(none)'}  ", f"tuned: {names['tuned']}", "",
+                                       "| metric | base | tuned | delta |", "| --- | ---: | ---: | ---: |"]
+    keys = _ordered({*tuned, *(base or {})})
     for key in keys:
-        b = base.get(key) if base else None
-        t = tuned.get(key)
-        delta = "—" if b is None or t is None else ("+" if t - b >= 0 else "") + _format(key, t - b)
         name = f"{key} (lower is better)" if key in LOWER_IS_BETTER else key
-        lines.append(f"| {name} | {_format(key, b)} | {_format(key, t)} | {delta} |")
+        lines.append(_row([name], key, tuned, base))
+    for dimension, slices in result["breakdown"].items():
+        lines += ["", f"## By {dimension}", "", f"| {dimension} | records | measure | base | tuned | delta |",
+                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+        for value, entry in slices.items():
+            shown = [k for k in SLICE_TABLE_KEYS if k in entry["tuned"] or k in entry.get("baseline", {})]
+            for n, key in enumerate(shown):
+                first = n == 0
+                lines.append(_row([value if first else "", str(entry["records"]) if first else "", key],
+                                  key, entry["tuned"], entry.get("baseline")))
+    if "judge" in result:
+        lines += judge_lines(result["judge"], cfg)
     lines.append("")
-    lines.append("token_accuracy, exact_match, rouge_l: fractions 0-1; bleu: sacrebleu 0-100.")
+    lines += definition_lines(keys, tokenizers, result["counts"])
     return "\n".join(lines) + "\n"
+
+
+def judge_lines(judge: dict, cfg: Config) -> list[str]:
+    """The judged comparison: counts and rates, each with what it means."""
+    lines = ["", f"## Judged: tuned against base ({cfg.judge_backend} judge {cfg.judge_model}, both orders)", "",
+             f"wins {judge['wins']}, ties {judge['ties']}, losses {judge['losses']} of {judge['compared']}"
+             f" ({judge['unread']} unread)", ""]
+    if "win_rate" in judge:
+        lines += [f"- win_rate: {judge['win_rate']:.4f}: (wins + ties / 2) / verdicts read; 0.5 is no difference",
+                  f"- flip_rate: {judge['flip_rate']:.4f}: share of verdicts that followed the order the answers were "
+                  f"shown in (position bias, counted as ties)"]
+    for side, score in judge.get("reference_score", {}).items():
+        lines.append(f"- reference_score {side}: {score:.2f}: mean 1-5 score with the reference answer shown to the judge")
+    return lines
+
+
+def definition_lines(keys: list[str], tokenizers: dict[str, str], counts: dict) -> list[str]:
+    """One line per measure in the tables, in the terms of the explainer."""
+    named = ", ".join(f"{lang} {name}" for lang, name in tokenizers.items())
+    shown = set(keys) | {"label_accuracy"}
+    lines = [f"- {key}: {METRIC_DEFINITIONS[key].format(tokenizers=named)}" for key in METRIC_ORDER
+             if key in shown and key in METRIC_DEFINITIONS]
+    if any(key.endswith(("_precision", "_recall")) for key in keys):
+        lines += [f"- rouge_*{part}: {METRIC_DEFINITIONS[part]}" for part in ("_precision", "_recall")]
+    lines += ["", f"References: records with the same instruction and input answer the same question, so each is "
+                  f"scored against all their outputs and takes the best ({counts['with_several_references']} of "
+                  f"{counts['records']} records had several).",
+              "Slices: a measure with nothing to score in a slice is absent (—), never 0; the kind `classification` "
+              "shows label_accuracy only. eval.json `breakdown` holds every measure of every slice.",
+              "Fractions are 0-1 except perplexity and the 0-100 bleu and chrf."]
+    return lines

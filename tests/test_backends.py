@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.backends import BackendOptions, Request, backend_options_from, make_client
+from pipeline.backends import BackendOptions, Request, make_client, open_client
 from pipeline.errors import UserError
 
 SECRET = "sk-test-DO-NOT-LOG-9f8e7d6c5b4a"
@@ -40,18 +40,29 @@ def test_bad_options_name_the_flag(field, value, flag):
         BackendOptions(**{field: value})
 
 
-def test_backend_options_from_a_stage_config_reads_the_shared_fields():
+def test_a_stage_config_is_backend_options_and_of_takes_its_backend_part():
     @dataclass(frozen=True)
-    class StageConfig:
+    class StageConfig(BackendOptions):
         out: str = "x.jsonl"
-        backend: str = "openai"
-        model: str = "gpt-4o-mini"
-        concurrency: int = 3
-        seed: int | None = None
 
-    options = backend_options_from(StageConfig())
-    assert (options.backend, options.model, options.concurrency, options.seed) == ("openai", "gpt-4o-mini", 3, None)
-    assert options.max_retries == BackendOptions().max_retries
+    cfg = StageConfig(backend="openai", model="gpt-4o-mini", concurrency=3, seed=None, cache_dir="c")
+    judge = BackendOptions.of(cfg, model="judge-model")
+    assert type(judge) is BackendOptions and not hasattr(judge, "out")
+    assert (judge.backend, judge.model, judge.concurrency, judge.seed, judge.cache_dir) == \
+        ("openai", "judge-model", 3, None, "c")
+    assert judge.max_retries == BackendOptions().max_retries
+    with pytest.raises(UserError, match="^--concurrency:"):
+        StageConfig(concurrency=0)  # the stage's config checks the backend fields itself
+
+
+def test_no_message_names_a_flag_that_does_not_exist():
+    from pipeline.cli import build_parser
+
+    flags = {option for action in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+             for option in action.option_strings}
+    with pytest.raises(UserError) as caught:
+        BackendOptions(retry_base_delay=-1)
+    assert not str(caught.value).startswith("--") and "--retry-base-delay" not in flags
 
 
 # ---------------------------------------------------------------- openai: answers
@@ -142,11 +153,50 @@ def test_malformed_bodies_share_the_retry_budget(fake_openai):
     assert fake_openai.requests == 3
 
 
+@pytest.mark.parametrize("faults, max_retries, error, retries, sent", [
+    # A 500 then a malformed body: the budget of 1 is spent by the 500, so the malformed answer
+    # is the end (this drove the budget to -1 and crashed the stage).
+    (["500", "malformed"], 1, "malformed response from {url}", 1, 2),
+    (["500", "500", "malformed", "malformed"], 3, "malformed response from {url}", 3, 4),
+    # The SDK does not retry these: none happened, none is counted.
+    (["402"], 3, "HTTP 402 from {url}: You exceeded your current quota", 0, 1),
+    (["413"], 3, "HTTP 413 from {url}: Request entity too large.", 0, 1),
+    # A 429 that outlasts the budget fails this request; it is not fatal for the stage.
+    (["429", "429", "429"], 2, "HTTP 429 from {url}: Rate limit reached", 2, 3),
+])
+def test_retries_are_counted_as_they_happened(fake_openai, faults, max_retries, error, retries, sent):
+    fake_openai.faults = list(faults)
+    fake_openai.retry_after = "0"  # the SDK's own short backoff
+    client = openai_client(fake_openai, max_retries=max_retries)
+    failed, answered = ask(client, Request("a", prompt="p"), Request("b", prompt="q"))
+    client.close()
+    assert failed.error.startswith(error.format(url=fake_openai.base_url)), failed.error
+    assert not failed.rejected and failed.retries == retries
+    assert answered.error is None and answered.texts == ["answer to: q"]
+    assert client.totals.retries == retries and client.totals.failures == 1
+    assert fake_openai.requests == sent + 1
+
+
+@pytest.mark.parametrize("status, message", [
+    ("400", "This model's maximum context length was exceeded."),
+    ("422", "Input contains content that our safety system does not allow."),
+])
+def test_a_400_or_422_rejects_that_request_and_the_stream_goes_on(fake_openai, status, message):
+    fake_openai.faults = [status]
+    client = openai_client(fake_openai, max_retries=3)
+    rejected, answered = ask(client, Request("a", prompt="p"), Request("b", prompt="q"))
+    client.close()
+    assert rejected.rejected and rejected.error == f"request rejected at {fake_openai.base_url} ({status}): {message}"
+    assert rejected.retries == 0 and rejected.texts == []
+    assert answered.error is None
+    assert (client.totals.rejected, client.totals.failures, client.totals.retries) == (1, 0, 0)
+    assert fake_openai.requests == 2
+
+
 @pytest.mark.parametrize("status, message", [
     ("401", "authentication failed at {url}: check OPENAI_API_KEY"),
     ("403", "permission denied at {url}: check OPENAI_API_KEY and access to model 'fake-model'"),
     ("404", "not found at {url}/chat/completions: check --model 'fake-model', --api chat and --base-url"),
-    ("400", "request rejected at {url} (400): This model's maximum context length was exceeded."),
 ])
 def test_client_errors_fail_at_once_with_one_clear_line(fake_openai, status, message):
     fake_openai.faults = [status]
@@ -182,6 +232,120 @@ def test_the_key_is_never_logged_or_written(fake_openai, monkeypatch, caplog, tm
     assert SECRET not in out.out + out.err
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and all(SECRET not in p.read_text(encoding="utf-8") for p in files)
+
+
+# ---------------------------------------------------------------- open_client: limits, dead servers, URLs
+
+
+def opened(server_url, tmp_path, **overrides):
+    options = dict(backend="openai", base_url=server_url, model="fake-model", timeout=TEST_TIMEOUT, max_retries=1,
+                   retry_base_delay=0.01, concurrency=4, cache_dir=str(tmp_path / "cache"))
+    options.update(overrides)
+    return open_client(BackendOptions(**options))
+
+
+def test_a_dead_server_stops_at_once_with_the_url_and_the_real_error(tmp_path):
+    client = opened("http://127.0.0.1:9/v1", tmp_path, concurrency=16)
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield Request(str(i), prompt="p")
+
+    start = time.monotonic()
+    with pytest.raises(UserError) as caught:
+        list(client.stream(endless()))
+    client.close()
+    assert str(caught.value) == ("cannot connect to http://127.0.0.1:9/v1: connection refused "
+                                 "(the first 8 requests all failed after their retries)")
+    assert time.monotonic() - start < 60 and len(pulled) <= 16 + 8
+
+
+def test_when_the_first_8_requests_are_all_rejected_the_stage_stops_with_the_servers_message(fake_openai, tmp_path):
+    fake_openai.faults = ["400"] * 100
+    client = opened(fake_openai.base_url, tmp_path, concurrency=1)
+    with pytest.raises(UserError) as caught:
+        ask(client, *(Request(str(i), prompt=f"p{i}") for i in range(20)))
+    client.close()
+    assert str(caught.value) == (f"request rejected at {fake_openai.base_url} (400): This model's maximum context "
+                                 "length was exceeded. (the first 8 requests all were rejected)")
+    assert fake_openai.requests == 8
+
+
+def test_a_rejection_after_an_answer_is_one_requests_problem(fake_openai, tmp_path):
+    fake_openai.faults = [None] + ["422"] * 12
+    client = opened(fake_openai.base_url, tmp_path, concurrency=1)
+    responses = ask(client, *(Request(str(i), prompt=f"p{i}") for i in range(13)))
+    client.close()
+    assert [r.rejected for r in responses] == [False] + [True] * 12
+
+
+def test_the_token_limit_reserves_max_tokens_before_sending(fake_openai, tmp_path):
+    fake_openai.latency = 0.05
+    fake_openai.answer = lambda body: " ".join(["word"] * 40)  # 40 completion tokens, a few prompt tokens
+    client = opened(fake_openai.base_url, tmp_path, concurrency=64, max_tokens_total=500, cache=False, timeout=5.0)
+    requests = [Request(str(i), prompt=f"question number {i}", max_tokens=100) for i in range(64)]
+    responses = ask(client, *requests)
+    client.close()
+    spent = sum(r.prompt_tokens + r.completion_tokens for r in responses)
+    one_request = max(r.prompt_tokens + r.completion_tokens for r in responses)
+    assert client.stopped == "max_tokens_total" and 500 <= spent <= 500 + one_request
+    # 64 slots, but each request holds 100 tokens (and its prompt) of the 500 while in flight.
+    assert fake_openai.peak_in_flight <= 5 and len(responses) < 64
+    assert client.totals.sent == fake_openai.requests == len(responses)
+
+
+def test_the_dollar_budget_is_a_token_limit(fake_openai, tmp_path):
+    client = opened(fake_openai.base_url, tmp_path, concurrency=8, price_per_1k=2.0, budget=0.1, cache=False)
+    responses = ask(client, *(Request(str(i), prompt="p", max_tokens=10) for i in range(200)))
+    client.close()
+    spent = sum(r.prompt_tokens + r.completion_tokens for r in responses)
+    assert client.stopped == "budget" and 50 <= spent <= 50 + 10 and len(responses) < 200
+
+
+def test_requests_cut_short_count_as_abandoned(fake_openai):
+    fake_openai.latency = 0.3
+    client = openai_client(fake_openai, concurrency=4, timeout=5.0)
+    stream = client.stream(Request(str(i), prompt="p") for i in range(10))
+    next(stream)
+    stream.close()
+    client.close()
+    assert fake_openai.requests == 4
+    assert (client.totals.requests, client.totals.abandoned, client.totals.sent) == (1, 3, 4)
+
+
+URL_CASES = [
+    ("http://user:sk-secret-1@host:8000/v1", "http://[redacted]@host:8000/v1"),
+    ("https://sk-only-key@api.example.com/v1?api_key=sk-q&model=m#top",
+     "https://[redacted]@api.example.com/v1?api_key=[redacted]&model=m#top"),
+    ("http://u:p@ss@host/v1?X-Amz-Signature=abc&access_token=t&page=2",
+     "http://[redacted]@host/v1?X-Amz-Signature=[redacted]&access_token=[redacted]&page=2"),
+    ("http://ユーザー:秘密の鍵@例え.jp/v1?token=秘密", "http://[redacted]@例え.jp/v1?token=[redacted]"),
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+]
+
+
+@pytest.mark.parametrize("url, shown", URL_CASES)
+def test_urls_are_shown_without_credentials(url, shown):
+    from pipeline.urls import redact_url, redact_urls
+
+    assert redact_url(url) == shown
+    assert redact_urls(f"cannot connect to {url}: refused") == f"cannot connect to {shown}: refused"
+
+
+def test_credentials_in_the_url_never_reach_messages_logs_or_files(fake_openai, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = fake_openai.base_url.replace("http://", "http://alice:sk-url-SECRET-77@")
+    monkeypatch.setenv("OPENAI_BASE_URL", url)  # from the environment, as a user would set it
+    fake_openai.faults = ["500", "401"]
+    client = opened(None, tmp_path, max_retries=1)
+    with pytest.raises(UserError) as caught:
+        ask(client, Request("a", prompt="p"))
+    client.close()
+    assert str(caught.value) == f"authentication failed at {fake_openai.base_url.replace('http://', 'http://[redacted]@')}" \
+                                ": check OPENAI_API_KEY"
+    assert "sk-url-SECRET-77" not in caplog.text and "alice" not in caplog.text
 
 
 # ---------------------------------------------------------------- openai: concurrency

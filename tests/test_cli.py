@@ -1,6 +1,7 @@
 """pipeline/cli.py and pipeline/config.py: flags from typed configs, one-line errors, exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,13 +46,15 @@ def test_flags_come_from_fields():
     assert cfg == DemoConfig("b.jsonl", 7, 0.25, "y", False, ["p", "q"], 5)
 
 
-def test_unknown_flag_and_bad_choice_fail():
-    with pytest.raises(SystemExit):
-        parse("--nope", "1")
-    with pytest.raises(SystemExit):
-        parse("--mode", "z")
-    with pytest.raises(SystemExit):
-        parse("--num-items", "many")
+@pytest.mark.parametrize("argv, says", [
+    (("--nope", "1"), "unrecognized arguments: --nope 1"),
+    (("--mode", "z"), "argument --mode: invalid choice: 'z' (choose from 'x', 'y')"),
+    (("--num-items", "many"), "argument --num-items: invalid int value: 'many'"),
+])
+def test_unknown_flag_and_bad_choice_fail(argv, says, capsys):
+    with pytest.raises(SystemExit, match="^2$"):
+        parse(*argv)
+    assert says in capsys.readouterr().err
 
 
 def test_resolved_config_has_no_secrets(tmp_path):
@@ -90,3 +93,63 @@ def test_cli_does_not_import_torch():
     code = "import sys; from pipeline import cli; cli.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+# A stage that is slow to stop after the first signal, as one waiting on requests in flight is.
+SLOW_TO_STOP = """
+import time
+from pipeline import cli
+try:
+    with cli._StopSignals():
+        print("running", flush=True)
+        time.sleep(60)
+except KeyboardInterrupt as e:
+    print("stopping", type(e).__name__, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("first, stopped_as, code", [("SIGINT", "KeyboardInterrupt", cli.EXIT_INTERRUPTED),
+                                                     ("SIGTERM", "Terminated", cli.EXIT_TERMINATED)])
+def test_a_second_signal_while_stopping_exits_at_once_with_one_line(first, stopped_as, code):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TO_STOP], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "running\n"
+    proc.send_signal(getattr(signal, first))
+    assert proc.stdout.readline() == f"stopping {stopped_as}\n", "the first signal stops the stage cleanly"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10, "the second signal does not wait for the clean stop"
+    assert proc.returncode == code
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "stopped at once (signalled again): outputs written so far are valid; rerun the same command to resume"]
+
+
+def test_signal_handlers_are_restored_after_a_run(tmp_path, monkeypatch):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["mix", "--in", "absent.jsonl"]) == cli.EXIT_USER_ERROR
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_full_disk_outside_the_jsonl_writers_is_one_line(tmp_path, capsys, monkeypatch):
+    """A model's weights or a plot written by a library: its ENOSPC still ends in one line, exit 2."""
+    import errno
+
+    from pipeline import mix
+
+    def run_out_of_room(cfg, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/sft/model.safetensors")
+
+    monkeypatch.setattr(mix, "run", run_out_of_room)
+    assert cli.main(["mix", "--in", "a.jsonl"]) == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: runs/sft/model.safetensors: No space left on device; outputs written so far are valid; "
+        "rerun the same command to resume once there is room"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from pipeline import convert, convert_templates
+from pipeline import convert, convert_phrasings
 from pipeline.convert import Config, convert_rows
 from pipeline.errors import UserError
 from pipeline.jsonl import load_records
@@ -84,7 +84,7 @@ def test_each_kind_converts_english_and_japanese(tmp_path, kind, suffix):
     assert [r["output"] for r in records] == OUTPUTS[kind]
     for record in records:
         # The instruction is one of the phrasings, in the record's own language.
-        phrasings = convert_templates.INSTRUCTIONS[kind][record["language"]]
+        phrasings = convert_phrasings.INSTRUCTIONS[kind][record["language"]]
         prefixes = [p.split("{")[0] for p in phrasings]
         assert any(record["instruction"].startswith(prefix) for prefix in prefixes), record["instruction"]
         assert ("。" in record["instruction"] or "？" in record["instruction"]) == (record["language"] == "ja")
@@ -130,8 +130,8 @@ def test_squad_answers_and_unanswerable_questions(tmp_path):
          "answers": {"text": [], "answer_start": []}},
     ]
     records, stats = run_convert(tmp_path, "qa", rows)
-    assert [r["output"] for r in records] == ["Ada", convert_templates.UNANSWERABLE["en"],
-                                              convert_templates.UNANSWERABLE["ja"]]
+    assert [r["output"] for r in records] == ["Ada", convert_phrasings.UNANSWERABLE["en"],
+                                              convert_phrasings.UNANSWERABLE["ja"]]
     assert stats.unanswerable == 2
 
 
@@ -293,19 +293,19 @@ def test_phrasings_vary_and_the_seed_fixes_them(tmp_path):
     assert instructions == [r["instruction"] for r in again]
     assert instructions != [r["instruction"] for r in other]
     assert len(set(instructions)) >= 3
-    assert set(instructions) <= set(convert_templates.INSTRUCTIONS["summarization"]["en"])
+    assert set(instructions) <= set(convert_phrasings.INSTRUCTIONS["summarization"]["en"])
     forced, _ = convert_rows(Config(kind="summarization", in_path="docs.jsonl", language="ja"), rows, columns)
-    assert set(r["instruction"] for r in forced) <= set(convert_templates.INSTRUCTIONS["summarization"]["ja"])
+    assert set(r["instruction"] for r in forced) <= set(convert_phrasings.INSTRUCTIONS["summarization"]["ja"])
 
 
 def test_templates_are_complete():
-    for kind, by_language in convert_templates.INSTRUCTIONS.items():
+    for kind, by_language in convert_phrasings.INSTRUCTIONS.items():
         assert set(by_language) == {"en", "ja"}, kind
         assert len(by_language["en"]) == len(by_language["ja"]) >= 3, kind
         assert len(set(by_language["en"])) == len(by_language["en"]), kind
-    assert convert_templates.language_name("ja", "en") == "Japanese"
-    assert convert_templates.language_name("en", "ja") == "英語"
-    assert convert_templates.language_name("xx", "en") == "xx"
+    assert convert_phrasings.language_name("ja", "en") == "Japanese"
+    assert convert_phrasings.language_name("en", "ja") == "英語"
+    assert convert_phrasings.language_name("xx", "en") == "xx"
 
 
 @pytest.mark.slow

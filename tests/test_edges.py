@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 from pipeline import cli
-from pipeline.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from pipeline.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR
 from tests.conftest import write_jsonl
 from tests.test_generate import assert_clean_pool, diverse_server_answer
 
@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 # would hang in retries or fail with a connection error instead of the expected one line.
 DEAD_URL = "http://127.0.0.1:9/v1"
 OPENAI = ["--backend", "openai", "--base-url", DEAD_URL, "--model", "fake"]
+# A cache folder that cannot be made (its parent is a device, not a folder): found before any request.
+UNUSABLE_CACHE = "/dev/null/cache"
 # Ten times the reader's 1 MiB per-record limit: the size of a broken export, not a record.
 HUGE_LINE_BYTES = 10 * 1024 * 1024
 
@@ -71,7 +73,7 @@ STAGES = {s.name: s for s in [
           (json.dumps(INSTRUCTION) + "\n").encode(),
           [("--num-instructions", "-5"), ("--threshold", "7"), ("--concurrency", "0"), ("--timeout", "0"),
            ("--max-retries", "-1"), ("--temperature", "nan"), ("--batch-size", "0"), ("--max-tokens", "0"),
-           ("--language", "ja")], model_flags=lambda m: ["--backend", "local", "--model", m]),
+           ("--language", "ja"), ("--cache-dir", UNUSABLE_CACHE)], model_flags=lambda m: ["--backend", "local", "--model", m]),
     Stage("filter", lambda p: ["--in", p["in"], "--seeds", p["seeds"], "--out", p["out"]],
           INSTRUCTION, ({"id": "machine_1"}, "instruction"), ({"id": "machine_1", "instruction": 5}, "instruction"),
           "filtered.jsonl", "--out", (json.dumps({**INSTRUCTION, "max_rouge_l": 0.1}) + "\n").encode(),
@@ -81,7 +83,7 @@ STAGES = {s.name: s for s in [
           INSTRUCTION, ({"id": "machine_1"}, "instruction"), ({"id": "machine_1", "instruction": ["x"]}, "instruction"),
           "alpaca.jsonl", "--out", (json.dumps(ALPACA) + "\n").encode(),
           [("--instances-per-instruction", "0"), ("--concurrency", "0"), ("--max-tokens", "0"), ("--top-p", "2"),
-           ("--temperature", "nan"), ("--max-output-words", "-1")], model_flags=lambda m: ["--backend", "local", "--model", m]),
+           ("--temperature", "nan"), ("--max-output-words", "-1"), ("--cache-dir", UNUSABLE_CACHE)], model_flags=lambda m: ["--backend", "local", "--model", m]),
     Stage("finetune", lambda p: ["--data", p["in"], "--output-dir", p["out"], "--model", p["model"], "--max-steps", "1"],
           ALPACA, ({"instruction": "Say hi."}, "output"), ({**ALPACA, "output": 5}, "output"), "run", "--output-dir",
           b"", [("--epochs", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--max-length", "0"), ("--batch-size", "0"),
@@ -98,6 +100,11 @@ STAGES = {s.name: s for s in [
           QA_ROW, ({k: v for k, v in QA_ROW.items() if k != "question"}, "question"),
           ({**QA_ROW, "question": ["a"]}, "question"), "converted.jsonl", "--out",
           (json.dumps(ALPACA) + "\n").encode(), [("--labels", ","), ("--in", "")], skips_bad_rows=True),
+    Stage("judge", lambda p: ["--in", p["in"], "--out", p["out"], "--cache-dir", p["cache"], *OPENAI],
+          ALPACA, ({"instruction": "Say hi."}, "output"), ({**ALPACA, "output": 5}, "output"), "judged.jsonl", "--out",
+          (json.dumps({**ALPACA, "judge": {"score": 4, "record_key": "0123456789abcdef#0"}}) + "\n").encode(),
+          [("--min-score", "9"), ("--max-tokens", "0"), ("--temperature", "nan"), ("--limit", "0"),
+           ("--cache-dir", UNUSABLE_CACHE)], model_flags=lambda m: ["--backend", "local", "--model", m]),
     Stage("mix", lambda p: ["--in", p["in"], "--out", p["out"]],
           ALPACA, ({"input": "", "output": "x"}, "instruction"), ({**ALPACA, "instruction": 5}, "instruction"),
           "train.jsonl", "--out", (json.dumps(ALPACA) + "\n").encode(),
@@ -246,6 +253,52 @@ def test_bad_input_ends_with_one_line_and_leaves_no_trace(stage_name, case, exis
     assert snapshot(work) == before
 
 
+# An output that is one of the inputs: by the same name, by another path, through a hard link, or
+# a file written beside the output (the rejected file, the report). Each must be refused with one
+# line before anything is written: the input keeps every byte.
+ALIAS_CASES = [(stage, "in") for stage in STAGES if not STAGES[stage].out_is_folder] + [
+    (stage, "in-hardlink") for stage in ("generate", "mix", "convert")] + [
+    (stage, "seeds") for stage in ("generate", "filter", "respond", "inspect")] + [
+    ("filter", "report=seeds"), ("filter", "rejected=in"), ("respond", "rejected=seeds"), ("finetune", "data-in-run")]
+
+
+@pytest.mark.parametrize("stage_name, alias", ALIAS_CASES, ids=[f"{s}-out={a}" for s, a in ALIAS_CASES])
+def test_an_output_that_is_an_input_is_refused_before_anything_is_written(stage_name, alias, tmp_path, model_dir,
+                                                                          capsys, monkeypatch):
+    stage = STAGES[stage_name]
+    paths = workdir(tmp_path, stage, False, model_dir)
+    work = paths["work"]
+    if stage_name == "generate":
+        paths["in"] = paths["seeds"]  # generate's input is its seed file
+    flag, extra = stage.out_flag, []
+    if alias == "in":
+        paths["out"] = paths["in"]
+    elif alias == "in-hardlink":
+        os.link(paths["in"], work / "linked.jsonl")
+        paths["out"] = str(work / "linked.jsonl")
+    elif alias == "seeds":
+        paths["out"] = paths["seeds"]
+    elif alias == "report=seeds":
+        flag, extra = "--report", ["--report", paths["seeds"]]
+    elif alias == "rejected=in":  # --out x.jsonl writes x.rejected.jsonl beside it, which is the input here
+        os.rename(paths["in"], work / "x.rejected.jsonl")
+        paths["in"], paths["out"] = str(work / "x.rejected.jsonl"), str(work / "x.jsonl")
+    elif alias == "rejected=seeds":
+        os.rename(paths["seeds"], work / "x.rejected.jsonl")
+        paths["seeds"], paths["out"] = str(work / "x.rejected.jsonl"), str(work / "x.jsonl")
+    elif alias == "data-in-run":  # a run folder's val.jsonl given back as the training data
+        (work / "run").mkdir()
+        os.rename(paths["in"], work / "run" / "val.jsonl")
+        paths["in"] = str(work / "run" / "val.jsonl")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-edges-test")
+    before = snapshot(work)
+    code, stderr = run_in_process([stage.name, *stage.argv(paths), *extra], capsys)
+    assert code == EXIT_USER_ERROR, stderr
+    assert_one_line(stderr, flag, "is the input", "it would be overwritten")
+    assert snapshot(work) == before
+
+
 # A few cells per stage as real processes: the exit code and stderr of `python -m pipeline`,
 # and no torch import before validation (that would make every typo cost seconds).
 SUBPROCESS_CASES = [(stage, ("not_json", "out_under_a_file")[i % 2]) for i, stage in enumerate(STAGES)] + [
@@ -274,28 +327,46 @@ def test_real_cli_exits_2_with_one_line_before_importing_torch(stage_name, case,
     assert not heavy, f"{stage_name} imported {heavy} before rejecting its input"
 
 
-# ---------------------------------------------------------------- a 401 from the server
+# ---------------------------------------------------------------- a server that refuses or is dead
+
+# (fault, what the one line must say): a 401 stops at the first answer; a closed port or a server
+# that only answers 500 stops once the first requests all failed after their retries (generate:
+# 2 in flight), or when its only request did (respond, one instruction) (issue 13, item 8).
+SERVER_FAILURES = [
+    ("401", "authentication failed at {url}: check OPENAI_API_KEY"),
+    ("dead", "cannot connect to {url}: connection refused"),
+    ("500", "HTTP 500 from {url}: The server had an error while processing your request."),
+]
 
 
-def test_a_401_ends_generate_and_respond_with_one_clear_line(tmp_path, fake_openai, capsys, monkeypatch):
+@pytest.mark.parametrize("fault, message", SERVER_FAILURES, ids=[f for f, _ in SERVER_FAILURES])
+def test_a_refusing_or_dead_server_ends_generate_and_respond_with_one_line_and_no_files(
+        fault, message, tmp_path, fake_openai, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-key")
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [SEED])
     instructions = write_jsonl(tmp_path / "in.jsonl", [INSTRUCTION])
-    backend = ["--backend", "openai", "--base-url", fake_openai.base_url, "--model", "fake", "--no-cache", "--concurrency", "2",
-               "--max-retries", "1"]
+    url = DEAD_URL if fault == "dead" else fake_openai.base_url
+    backend = ["--backend", "openai", "--base-url", url, "--model", "fake", "--concurrency", "2", "--max-retries", "1",
+               "--cache-dir", str(tmp_path / "cache")]
     for stage, argv in [("generate", ["--seeds", str(seeds), "--out", str(tmp_path / "machine.jsonl")]),
                         ("respond", ["--in", str(instructions), "--seeds", str(seeds),
                                      "--out", str(tmp_path / "alpaca.jsonl")])]:
-        fake_openai.faults = ["401"] * 20
+        fake_openai.faults = [] if fault == "dead" else [fault] * 20
+        fake_openai.requests = 0
+        start = time.monotonic()
         code, stderr = run_in_process([stage, *argv, *backend], capsys)
-        assert code in (1, 2), stderr
+        assert code == EXIT_USER_ERROR, stderr
+        assert time.monotonic() - start < 60
         lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
         assert "Traceback" not in stderr
-        assert lines[-1].startswith("error: authentication failed") and "OPENAI_API_KEY" in lines[-1], stderr
+        assert lines[-1].startswith("error: ") and message.format(url=url) in lines[-1], stderr
         assert sum(line.startswith("error:") for line in lines) == 1, stderr
-        assert fake_openai.requests <= 2, "a 401 is not retried (2 in flight)"
-        fake_openai.requests = 0
+        if fault == "401":
+            assert fake_openai.requests <= 2, "a 401 is not retried (2 in flight)"
+        # Nothing was written: no empty outputs, no resolved config, no cache entries (item 12).
+        left = {p.name for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+        assert left == {"seeds.jsonl", "in.jsonl"}, left
 
 
 # ---------------------------------------------------------------- Ctrl-C during the long stages
@@ -308,31 +379,62 @@ def read_jsonl_strict(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
 
-def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 60) -> tuple[str, str]:
+def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 60,
+                   while_running: Callable[[], None] | None = None, signals=(signal.SIGINT,)) -> tuple[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGINT)
+    if while_running is not None:
+        while_running()
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+    for signum in signals:
+        proc.send_signal(signum)
     return proc.communicate(timeout=60)
 
 
-def assert_interrupted(proc: subprocess.Popen, stderr: str) -> None:
-    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+def assert_last_line(stderr: str, *needles: str) -> None:
+    """No traceback, one error line, and it is the last line (a progress bar may sit above it)."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in stderr and sum(line.startswith("error:") for line in lines) == 1, stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], stderr[-3000:]
+
+
+def assert_second_run_refused(argv: list[str], cwd: Path, holder: subprocess.Popen, out: Path) -> None:
+    """A second run on the same output, while the first writes it: refused at once, naming the first."""
+    started = time.monotonic()
+    second = popen(argv, cwd)
+    stdout, stderr = second.communicate(timeout=60)
+    assert second.returncode == EXIT_USER_ERROR, stdout[-2000:] + stderr[-3000:]
+    assert_one_line(stderr, str(out), f"another run is writing it (pid {holder.pid}: python -m pipeline {argv[0]} ")
+    assert time.monotonic() - started < 30, "refused at once, not after it did its work"
+
+
+def assert_interrupted(proc: subprocess.Popen, stderr: str, code: int = EXIT_INTERRUPTED, word: str = "interrupted") -> None:
+    assert proc.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     # tqdm's bar may sit above it (it redraws with \r); the last line is ours, and only one says so.
     last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert last.startswith("interrupted:"), stderr[-3000:]
-    assert stderr.count("interrupted") == 1
+    assert last.startswith(f"{word}:"), stderr[-3000:]
+    assert stderr.count(word) == 1
 
 
 def line_count(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def popen(argv: list[str], cwd: Path) -> subprocess.Popen:
+def popen(argv: list[str], cwd: Path, max_file_bytes: int | None = None) -> subprocess.Popen:
+    """`python -m pipeline ARGV`; with `max_file_bytes`, no file it writes may grow past that size
+    (`ulimit -f`: a write past it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    def limit_file_size():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit_file_size if max_file_bytes else None)
 
 
 @pytest.mark.slow
@@ -345,11 +447,25 @@ def test_ctrl_c_during_generate_leaves_valid_resumable_output(tmp_path, fake_ope
             "--backend", "openai", "--base-url", fake_openai.base_url, "--model", "fake",
             "--cache-dir", str(tmp_path / "cache")]
     proc = popen(argv, tmp_path)
-    _, stderr = interrupt_when(proc, lambda: line_count(out) >= 5)
+
+
+    def second_run_while_the_first_writes():
+        fake_openai.latency = 5.0  # so the first run is still writing while the second starts up
+        assert_second_run_refused(argv, tmp_path, proc, out)
+        fake_openai.latency = 0.05
+
+    _, stderr = interrupt_when(proc, lambda: line_count(out) >= 5, while_running=second_run_while_the_first_writes)
     assert_interrupted(proc, stderr)
     before = read_jsonl_strict(out)
     assert 5 <= len(before) < 30
+    assert not (tmp_path / "machine.lock").exists(), "the lock file goes with the run that held it"
     fake_openai.latency = 0
+    # The disk fills up part way: one line, exit 2, every output still whole, and the rerun resumes.
+    full = popen(argv, tmp_path, max_file_bytes=out.stat().st_size + 100)  # less than one more record
+    _, stderr = full.communicate(timeout=120)
+    assert full.returncode == EXIT_USER_ERROR, stderr[-3000:]
+    assert_last_line(stderr, "error: ", "cannot write: File too large; the outputs written so far are valid")
+    assert read_jsonl_strict(out)[:len(before)] == before
     rerun = popen(argv, tmp_path)
     _, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr[-3000:]
@@ -359,7 +475,11 @@ def test_ctrl_c_during_generate_leaves_valid_resumable_output(tmp_path, fake_ope
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_respond_leaves_valid_resumable_output(tmp_path, fake_openai):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+                                                (signal.SIGTERM, EXIT_TERMINATED, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_respond_leaves_valid_resumable_output(tmp_path, fake_openai, signum, code, word):
+    """Ctrl-C, and SIGTERM (what `kill`, systemd, Docker and Slurm send) stopped the same clean way."""
     fake_openai.answer = lambda body: "No" if "classification task" in json.dumps(body) else (
         f"Input: case {body.get('seed')}\nOutput: the answer for {json.dumps(body)[-40:]}")
     fake_openai.latency = 0.03
@@ -369,9 +489,12 @@ def test_ctrl_c_during_respond_leaves_valid_resumable_output(tmp_path, fake_open
     out = tmp_path / "alpaca.jsonl"
     argv = ["respond", "--in", str(in_path), "--seeds", str(seeds), "--out", str(out), "--concurrency", "2",
             "--backend", "openai", "--base-url", fake_openai.base_url, "--model", "fake", "--no-cache"]
+    # Past the 30 classification questions: one request the server refuses (a rejected record,
+    # never sent again) and one 500 (retried).
+    fake_openai.faults = [None] * 32 + ["422", "500"]
     proc = popen(argv, tmp_path)
-    _, stderr = interrupt_when(proc, lambda: line_count(out) >= 5)
-    assert_interrupted(proc, stderr)
+    _, stderr = interrupt_when(proc, lambda: line_count(out) >= 5, signals=(signum,))
+    assert_interrupted(proc, stderr, code, word)
     rejected = tmp_path / "alpaca.rejected.jsonl"
     before = read_jsonl_strict(out)
     assert 5 <= len(before) < 30
@@ -384,6 +507,7 @@ def test_ctrl_c_during_respond_leaves_valid_resumable_output(tmp_path, fake_open
     ids = [r["id"] for r in read_jsonl_strict(out)]
     ids += [r["id"] for r in read_jsonl_strict(rejected)] if rejected.exists() else []
     assert sorted(ids) == sorted(f"k{i}-0" for i in range(30)), "each instance once: none lost, none twice"
+    assert [r["reason"] for r in read_jsonl_strict(rejected)].count("request_rejected") == 1
 
 
 @pytest.mark.slow
@@ -406,3 +530,44 @@ def test_ctrl_c_during_finetune_leaves_valid_resumable_output(tmp_path, model_di
     assert rerun.returncode == 0, stderr[-3000:]
     steps_seen = [r["step"] for r in read_jsonl_strict(metrics)]
     assert steps_seen == list(range(1, steps + 1)), "metrics resume where the checkpoint was: none lost, none twice"
+
+
+# ---------------------------------------------------------------- no 0-byte files that `datasets` cannot load
+
+
+def test_a_run_that_rejects_nothing_leaves_no_empty_rejected_file(tmp_path, capsys):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [SEED])
+    machine = write_jsonl(tmp_path / "machine.jsonl", [INSTRUCTION, {"id": "machine_1", "instruction": "次の文章を英語に翻訳してください。"}])
+    rejected = tmp_path / "kept.rejected.jsonl"
+    rejected.write_text(json.dumps({**INSTRUCTION, "reason": "near_duplicate"}) + "\n")  # from an earlier run
+    code, stderr = run_in_process(["filter", "--in", str(machine), "--seeds", str(seeds), "--out", str(tmp_path / "kept.jsonl")],
+                                  capsys)
+    assert code == 0, stderr
+    assert len((tmp_path / "kept.jsonl").read_text("utf-8").splitlines()) == 2
+    assert not rejected.exists(), "no rejects: no file (an empty one cannot be loaded), and no stale one"
+
+
+# ---------------------------------------------------------------- outputs that are links or devices
+
+
+def test_an_output_through_a_symlink_writes_its_target_and_devices_are_never_replaced(tmp_path, capsys):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [SEED])
+    machine = write_jsonl(tmp_path / "machine.jsonl", [INSTRUCTION, {"id": "machine_1", "instruction": "次の文章を英語に翻訳してください。"}])
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "kept.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "kept.jsonl"
+    link.symlink_to(target)
+    argv = ["filter", "--in", str(machine), "--seeds", str(seeds)]
+    code, stderr = run_in_process([*argv, "--out", str(link)], capsys)
+    assert code == 0, stderr
+    assert link.is_symlink() and len(target.read_text("utf-8").splitlines()) == 2
+    code, stderr = run_in_process([*argv, "--out", "/dev/null", "--report", "/dev/null"], capsys)
+    assert code == 0, stderr
+    assert os.path.exists("/dev/null") and not Path("/dev/null").is_file(), "/dev/null is still a device"
+    assert not list(Path("/dev").glob("null.*")), "nothing written beside a device"
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA, {"instruction": "日本の首都は？", "input": "", "output": "東京です。"}])
+    code, stderr = run_in_process(["mix", "--in", str(alpaca), "--out", "/dev/full"], capsys)
+    assert code == EXIT_USER_ERROR
+    assert_one_line(stderr, "/dev/full: cannot write: No space left on device")
+    assert not Path("/dev/full").is_file()

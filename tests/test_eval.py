@@ -17,7 +17,9 @@ from pipeline.cli import main
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-METRIC_KEYS = {"loss", "perplexity", "token_accuracy", "exact_match", "bleu", "rouge_l"}
+ROUGE_KEYS = {f"{name}{part}" for name in ("rouge_1", "rouge_2", "rouge_l") for part in ("", "_precision", "_recall")}
+GENERATION_KEYS = {"sequence_accuracy", "exact_match", "bleu", "chrf"} | ROUGE_KEYS
+METRIC_KEYS = {"loss", "perplexity", "token_accuracy"} | GENERATION_KEYS
 
 PREDICTION_RECORDS = [
     {"instruction": "Name the capital.", "output": "Paris is the capital of France.", "prediction": "Paris is the capital of France."},
@@ -43,17 +45,26 @@ def test_predictions_through_the_cli_match_sacrebleu_and_rouge_score(tmp_path):
     result = json.loads(out.read_text(encoding="utf-8"))
     preds, refs = [r["prediction"] for r in records], [r["output"] for r in records]
     metrics = result["metrics"]
-    assert set(metrics) == {"exact_match", "bleu", "rouge_l"}  # loss & co. do not apply: absent, not 0
+    assert set(metrics) == GENERATION_KEYS  # loss & co. do not apply: absent, not 0
     assert "baseline" not in result
     assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    assert metrics["rouge_l"] == pytest.approx(sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / 3)
-    assert metrics["exact_match"] == pytest.approx(2 / 3)  # the third differs only in whitespace
+    assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
+    assert result["config"]["bleu_tokenize"] == {"en": "13a"}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    for ours, theirs in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+        assert metrics[ours] == pytest.approx(sum(s[theirs].fmeasure for s in scores) / 3)
+        assert metrics[f"{ours}_precision"] == pytest.approx(sum(s[theirs].precision for s in scores) / 3)
+        assert metrics[f"{ours}_recall"] == pytest.approx(sum(s[theirs].recall for s in scores) / 3)
+    # The third differs only in whitespace: the normalised match counts it, the strict one does not.
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
+    assert metrics["sequence_accuracy"] == pytest.approx(1 / 3)
     assert result["counts"]["records"] == 3 and result["config"]["predictions"] == str(preds_file)
     assert "| bleu |" in proc.stdout and "| metric | base | tuned | delta |" in proc.stdout
     assert (tmp_path / "x.md").read_text(encoding="utf-8") in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "x_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["exact_match"] for r in rows] == [True, False, True]
+    assert [r["sequence_match"] for r in rows] == [True, False, False]
     assert (tmp_path / "x.config.json").exists()
 
 
@@ -91,10 +102,33 @@ def test_missing_model_or_bad_data_fails_before_any_work(tmp_path, capsys):
     assert "last turn must be the assistant's" in capsys.readouterr().err
 
 
-def test_tiny_model_with_baseline_end_to_end(tmp_path, tiny_model_dir, capsys):
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model's architecture and tokenizer with other random weights: a second, different model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    out = tmp_path_factory.mktemp("other-model")
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def teacher_forced_loss(model_dir: Path, records: list[dict]) -> float:
+    """One model's response loss on `records`, scored on its own."""
+    from pipeline.models import load_model, load_tokenizer
+
+    (loss_sum, _, tokens), _, _ = ev.teacher_forced(load_model(str(model_dir), device="cpu"), load_tokenizer(str(model_dir)),
+                                                    records, "alpaca", 512, 8, "t")
+    return loss_sum / tokens
+
+
+def test_tiny_model_with_baseline_end_to_end(tmp_path, tiny_model_dir, other_model_dir, capsys):
     data = write_jsonl(tmp_path / "val.jsonl", DATA_RECORDS)
     out = tmp_path / "eval.json"
-    argv = ["eval", "--model", str(tiny_model_dir), "--baseline", str(tiny_model_dir), "--data", str(data),
+    argv = ["eval", "--model", str(tiny_model_dir), "--baseline", str(other_model_dir), "--data", str(data),
             "--out", str(out), "--limit", "3", "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu"]
     assert main(argv) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
@@ -102,20 +136,31 @@ def test_tiny_model_with_baseline_end_to_end(tmp_path, tiny_model_dir, capsys):
     for side in ("metrics", "baseline"):
         metrics = result[side]
         assert METRIC_KEYS <= set(metrics)
-        assert {"bleu_en", "bleu_ja"} <= set(metrics)  # the set mixes English and Japanese
         for key in ("token_accuracy", "exact_match", "rouge_l"):
             assert 0 <= metrics[key] <= 1
         assert 0 <= metrics["bleu"] <= 100
         assert metrics["loss"] > 0 and metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
-    # The same model on both sides: the same numbers, a zero delta.
-    assert result["metrics"] == pytest.approx(result["baseline"])
+    # Two different models: each side holds its own model's numbers (scoring --model twice fails here).
+    assert result["metrics"]["loss"] == pytest.approx(teacher_forced_loss(tiny_model_dir, DATA_RECORDS[:3]), rel=1e-5)
+    assert result["baseline"]["loss"] == pytest.approx(teacher_forced_loss(other_model_dir, DATA_RECORDS[:3]), rel=1e-5)
+    assert result["metrics"]["loss"] != pytest.approx(result["baseline"]["loss"], rel=1e-3)
     counts = result["counts"]
     assert counts["records"] == 3 and counts["languages"] == {"en": 2, "ja": 1}
+    by_language = result["breakdown"]["language"]  # the set mixes English and Japanese
+    assert {lang: entry["records"] for lang, entry in by_language.items()} == {"en": 2, "ja": 1}
+    for side in ("tuned", "baseline"):
+        assert {"bleu", "token_accuracy", "sequence_accuracy"} <= set(by_language["ja"][side])
     assert counts["tuned"]["scored_records"] == 3 and counts["tuned"]["dropped"] == 0
     assert result["config"]["template"] == "alpaca" and result["config"]["max_length"] == 512
     table = (tmp_path / "eval.md").read_text(encoding="utf-8")
-    assert table in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert table in printed
     assert all(f"| {key}" in table for key in METRIC_KEYS)
+    # What --max-length and --max-new-tokens cut, per language: 4 new tokens hold "Hello there!"
+    # and "5" with their EOS, not 私は猫が好きです。 (SmolLM2 spends ~1.7 tokens a Japanese character).
+    assert counts["tuned"]["by_language"]["ja"] == {"records": 1, "truncated": 0, "dropped": 0, "answers_over_max_new_tokens": 1}
+    assert ("tuned: cut per language: en 0/2 truncated (0.0%), 0 dropped, 0 references longer than --max-new-tokens; "
+            "ja 0/1 truncated (0.0%), 0 dropped, 1 references longer than --max-new-tokens") in printed
     rows = [json.loads(line) for line in (tmp_path / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert all({"prediction", "baseline_prediction", "loss", "rouge_l"} <= set(r) for r in rows)
@@ -131,8 +176,14 @@ def test_settings_of_the_training_run_apply_and_a_cut_away_response_leaves_loss_
     data = write_jsonl(tmp_path / "val.jsonl", DATA_RECORDS[:2])
     stats = ev.run(ev.Config(model=str(model_dir), data=str(data), out=str(tmp_path / "eval.json"),
                              max_new_tokens=2, device="cpu"))
-    assert set(stats.metrics) == {"exact_match", "bleu", "rouge_l", "bleu_en", "bleu_ja"}
+    assert set(stats.metrics) == GENERATION_KEYS  # no response token scored: loss & co. absent, not 0
+    by_language = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["breakdown"]["language"]
+    assert {lang: set(entry["tuned"]) for lang, entry in by_language.items()} == {"en": GENERATION_KEYS, "ja": GENERATION_KEYS}
     assert stats.counts["tuned"]["dropped"] == 2 and stats.counts["tuned"]["response_tokens"] == 0
+    # What the limits cut, per language: both prompts are cut at 8 tokens, and neither
+    # reference fits in 2 new tokens with its EOS.
+    cut = {"records": 1, "truncated": 1, "dropped": 1, "answers_over_max_new_tokens": 1}
+    assert stats.counts["tuned"]["by_language"] == {"en": cut, "ja": cut}
     config = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["config"]
     assert (config["template"], config["max_length"]) == ("chat", 8)
     resolved = json.loads((tmp_path / "eval.config.json").read_text(encoding="utf-8"))
@@ -154,9 +205,11 @@ def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny, template):
 
     model, tokenizer = tiny
     records = DATA_RECORDS[:3]
-    (loss_sum, correct, tokens), record_loss, counts = ev.teacher_forced(model, tokenizer, records, template, 512, 3, "t")
+    (loss_sum, correct, tokens), record_sums, counts = ev.teacher_forced(model, tokenizer, records, template, 512, 3, "t")
+    assert correct == sum(hits for _, hits, _ in record_sums)
     expected_sum, expected_tokens = 0.0, 0
-    for record, loss in zip(records, record_loss):
+    for record, (record_loss, _, record_tokens) in zip(records, record_sums):
+        loss = record_loss / record_tokens
         example = encode_example(record, tokenizer, template, 512)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
@@ -171,9 +224,9 @@ def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny, template):
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
     model, tokenizer = tiny
     records = DATA_RECORDS[:3]  # prompts of different lengths, so the batch is padded
-    batched, counts = ev.generate_answers(model, tokenizer, records, "alpaca", 5, 3, "t")
-    single, _ = ev.generate_answers(model, tokenizer, records, "alpaca", 5, 1, "t")
-    assert batched == single
+    batched, counts, batched_ids = ev.generate_answers(model, tokenizer, records, "alpaca", 5, 3, "t")
+    single, _, single_ids = ev.generate_answers(model, tokenizer, records, "alpaca", 5, 1, "t")
+    assert batched == single and batched_ids == single_ids
     assert counts["generated_tokens"] <= 3 * 5  # cut at EOS or at --max-new-tokens
 
 
@@ -193,3 +246,159 @@ def test_template_and_length_come_from_the_training_run(tmp_path):
     assert ev.train_settings(tmp_path) == {"template": "chat", "max_length": 128}
     (tmp_path / "train_config.json").write_text(json.dumps({"config": {"template": "chat", "max_length": 64}}))
     assert ev.train_settings(tmp_path) == {"template": "chat", "max_length": 64}
+
+
+JAPANESE_PREDICTIONS = [
+    {"instruction": "次の文の感情を判定し、「肯定」か「否定」で答えてください。", "input": "最高の一日だった。",
+     "output": "肯定", "prediction": "肯定。"},
+    {"instruction": "合計金額を計算してください。", "input": "1200円の本を3冊", "output": "3600円", "prediction": "３６００円"},
+    {"instruction": "日本語に翻訳してください。", "input": "I like cats.", "output": "私は猫が好きです。", "prediction": "私は犬が好きです。"},
+    {"instruction": "Name the capital.", "output": "Paris is the capital of France.", "prediction": "Paris is the capital of France."},
+]
+
+
+def test_eval_json_and_md_name_the_bleu_tokenizer_and_define_every_measure(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", JAPANESE_PREDICTIONS)), "--out", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    tokenizers = result["config"]["bleu_tokenize"]
+    assert tokenizers["en"] == "13a" and tokenizers["ja"].startswith("ja-mecab-")  # with MeCab's version
+    metrics = result["metrics"]
+    # 「肯定。」 and 「３６００円」 are right answers the strict sequence_accuracy misses.
+    assert metrics["sequence_accuracy"] == pytest.approx(1 / 4)
+    assert metrics["exact_match"] == pytest.approx(3 / 4)
+    japanese = JAPANESE_PREDICTIONS[:3]
+    by_language = result["breakdown"]["language"]
+    assert by_language["ja"]["tuned"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(
+        [r["prediction"] for r in japanese], [[r["output"] for r in japanese]], tokenize="ja-mecab").score)
+    assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(
+        [r["prediction"] for r in JAPANESE_PREDICTIONS], [[r["output"] for r in JAPANESE_PREDICTIONS]]).score)
+    assert {"rouge_l", "chrf"} <= set(by_language["en"]["tuned"]) & set(by_language["ja"]["tuned"])
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert table in capsys.readouterr().out
+    for key in GENERATION_KEYS:
+        assert f"| {key} |" in table
+        defined = key if not key.endswith(("_precision", "_recall")) else "rouge_*_" + key.rsplit("_", 1)[1]
+        assert f"\n- {defined}: " in table
+    assert f"tokenizers: en 13a, ja {tokenizers['ja']}" in table
+    assert "## By language" in table and "| ja | 3 | sequence_accuracy |" in table
+    rows = [json.loads(line) for line in (tmp_path / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["exact_match"] for r in rows] == [True, True, False, True]
+    assert [r["sequence_match"] for r in rows] == [False, False, False, True]
+
+
+def test_a_lora_run_without_merge_is_evaluated_on_its_portably_named_base(tmp_path, tiny_model_dir, monkeypatch):
+    """`eval --model runs/sft` after `finetune --lora` (no --merge): the adapter is loaded on its base,
+    which it names as the user did (the embedded model's name), not by this machine's cache path."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import finetune
+    from pipeline.models import EMBEDDED_MODEL
+
+    # The tiny model stands in for the embedded one: the converted-model cache is an ordinary folder.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / EMBEDDED_MODEL).symlink_to(tiny_model_dir, target_is_directory=True)
+    monkeypatch.setenv("SELF_INSTRUCT_CACHE", str(cache))
+    train = write_jsonl(tmp_path / "train.jsonl", DATA_RECORDS[:3] * 2)
+    run_dir = tmp_path / "sft"
+    finetune.run(finetune.Config(data=str(train), output_dir=str(run_dir), model="smollm2", lora=4, max_steps=2, lr=1e-2,
+                                 lr_schedule="constant", val_fraction=0.0, eval_every=0, save_every=0, device="cpu"))
+    assert not (run_dir / "config.json").exists()  # no merged model: only the adapter
+    adapter_config = (run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8")
+    assert json.loads(adapter_config)["base_model_name_or_path"] == EMBEDDED_MODEL
+    assert str(cache) not in adapter_config and str(tiny_model_dir) not in adapter_config
+
+    data = write_jsonl(tmp_path / "val.jsonl", DATA_RECORDS[:3])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(run_dir), "--baseline", EMBEDDED_MODEL, "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    merged_dir = tmp_path / "merged"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload().save_pretrained(merged_dir)
+    (merged_dir / "tokenizer.json").symlink_to(tiny_model_dir / "tokenizer.json")
+    (merged_dir / "tokenizer_config.json").symlink_to(tiny_model_dir / "tokenizer_config.json")
+    assert result["metrics"]["loss"] == pytest.approx(teacher_forced_loss(merged_dir, DATA_RECORDS[:3]), rel=1e-5)
+    assert result["baseline"]["loss"] == pytest.approx(teacher_forced_loss(tiny_model_dir, DATA_RECORDS[:3]), rel=1e-5)
+    assert result["metrics"]["loss"] != pytest.approx(result["baseline"]["loss"], rel=1e-4)  # the adapter is applied
+
+
+# ---------------------------------------------------------------- judged comparison
+
+JUDGED_RECORDS = [
+    {"instruction": "What is 7 x 6?", "output": "42", "prediction": "The answer is 42.", "baseline_prediction": "48"},
+    {"instruction": "日本の首都はどこですか？", "output": "東京です。", "prediction": "首都は東京です。", "baseline_prediction": "大阪です。"},
+    {"instruction": "Name a primary colour.", "output": "Red", "prediction": "Blue is one.", "baseline_prediction": "Green"},
+]
+
+
+def judge_request_kind(body: dict) -> str:
+    return body["response_format"]["json_schema"]["name"]  # "verdict" (pairwise) or "judgement" (pointwise)
+
+
+def always_first(body: dict) -> str:
+    """A judge with pure position bias: whatever it is shown first wins; every answer scores 3."""
+    if judge_request_kind(body) == "verdict":
+        return '{"reason": "The first answer is better.", "winner": "A"}'
+    return '{"reason": "Fine.", "score": 3}'
+
+
+def knows_the_answer(body: dict) -> str:
+    """A fair judge: prefers the answer that contains the reference, whichever place it is shown in."""
+    prompt = body["messages"][0]["content"]
+    reference = prompt.split("compare the answer with it]\n", 1)[-1].split("\n", 1)[0] if "compare the answer" in prompt \
+        else prompt.split("比べてください）】\n", 1)[-1].split("\n", 1)[0]
+    core = reference.rstrip("。")
+    if judge_request_kind(body) == "verdict":
+        first = prompt.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0] if "[Answer A]" in prompt else \
+            prompt.split("【回答A】\n", 1)[1].split("\n\n【回答B】", 1)[0]
+        second = prompt.split("[Answer B]\n", 1)[1] if "[Answer B]" in prompt else prompt.split("【回答B】\n", 1)[1]
+        winner = "A" if core in first else "B" if core in second.split("\n\n", 1)[0] else "tie"
+        return json.dumps({"reason": "checked against the reference", "winner": winner})
+    answer = prompt.rsplit("\n\n", 2)[-2]
+    return json.dumps({"reason": "checked", "score": 5 if core in answer else 1})
+
+
+def judged_eval(tmp_path, fake_openai, records) -> dict:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", records)), "--out", str(out),
+                 "--judge-backend", "openai", "--judge-base-url", fake_openai.base_url, "--judge-model", "fake-judge"]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_a_position_biased_judge_gives_ties_never_a_false_win(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-eval-judge")
+    fake_openai.answer = always_first
+    result = judged_eval(tmp_path, fake_openai, JUDGED_RECORDS)
+    judge = result["judge"]
+    assert (judge["wins"], judge["ties"], judge["losses"], judge["unread"]) == (0, 3, 0, 0)
+    assert judge["win_rate"] == 0.5 and judge["flip_rate"] == 1.0
+    assert judge["reference_score"] == {"tuned": 3.0, "base": 3.0}
+    verdicts = [b for b in fake_openai.bodies if judge_request_kind(b) == "verdict"]
+    assert len(verdicts) == 2 * len(JUDGED_RECORDS)  # every pair in both orders
+    rows = [json.loads(line) for line in (tmp_path / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(r["judge"]["winner"] == "tie" and r["judge"]["flipped"] for r in rows)
+    table = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert "## Judged: tuned against base" in table and "- win_rate: 0.5000" in table and "- flip_rate: 1.0000" in table
+
+
+def test_a_fair_judge_finds_the_better_model_in_both_orders(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-eval-judge")
+    fake_openai.answer = knows_the_answer
+    judge = judged_eval(tmp_path, fake_openai, JUDGED_RECORDS)["judge"]
+    # The tuned answers hold 42 and 東京 (worded unlike the references); neither colour answer is right.
+    assert (judge["wins"], judge["ties"], judge["losses"]) == (2, 1, 0)
+    assert judge["win_rate"] == pytest.approx(2.5 / 3) and judge["flip_rate"] == 0.0
+    assert judge["reference_score"]["tuned"] == pytest.approx((5 + 5 + 1) / 3) and judge["reference_score"]["base"] == 1.0
+
+
+def test_judging_needs_a_base_to_compare_with(tmp_path, capsys):
+    records = [{k: v for k, v in r.items() if k != "baseline_prediction"} for r in JUDGED_RECORDS]
+    argv = ["eval", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", records)), "--out", str(tmp_path / "e.json"),
+            "--judge-backend", "openai"]
+    assert main(argv) == 2
+    assert "--judge-backend:" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--data", "heldout", "--judge-backend", "local"]) == 2
+    assert "give --baseline too" in capsys.readouterr().err

@@ -14,13 +14,12 @@ from rouge_score import rouge_scorer, tokenizers
 
 from pipeline.cli import main
 from pipeline.errors import InputError, UserError
-from pipeline.filter import Config, HeuristicOptions, filter_instructions, heuristic_reason, normalize_instruction
+from pipeline.filter import Config, filter_instructions
 from pipeline.seeds import load_seeds
 from tests.conftest import write_jsonl
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 REPO = Path(__file__).resolve().parents[1]
-ON = HeuristicOptions()
 
 
 def seed_records(instructions: list[str]) -> list[dict]:
@@ -31,43 +30,6 @@ def seed_records(instructions: list[str]) -> list[dict]:
 
 def seeds_file(tmp_path: Path, instructions: list[str]) -> Path:
     return write_jsonl(tmp_path / "seeds.jsonl", seed_records(instructions))
-
-
-# --- heuristics --------------------------------------------------------------------------
-
-SEEDS = {normalize_instruction("Give three tips for staying healthy.")}
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("Summarize this text.", "too_short"),
-    ("word " * 151, "too_long"),
-    ("Describe the image below in detail.", "blacklist"),
-    ("Draw a picture of a cat for me.", "blacklist"),
-    ("Give directions to go to the nearest station.", "blacklist"),
-    ("Write a program that sorts a list of numbers.", "program_prefix"),
-    ("- List five fruits that are red.", "punctuation_start"),
-    ('"Hello" means what in French, exactly?', "punctuation_start"),
-    ("give  three tips for staying HEALTHY.", "seed_copy"),
-    ("猫", "too_short"),
-    ("この画像に写っているものを説明してください。", "blacklist"),
-    ("東京の地図を見て、駅までの道を説明してください。", "blacklist"),
-    ("プログラムを書いて、数字のリストを並べ替えてください。", "program_prefix"),
-    ("。次の文を英語に翻訳してください。", "punctuation_start"),
-    ("Explain why the sky is blue during the day.", None),
-    ("Explain the mapping between keys and values in a dictionary.", None),  # "map" only as a whole word
-    ("次の文章を英語に翻訳してください。", None),  # no check rejects Japanese text
-    ("「猫」という単語を英語に翻訳してください。", None),  # an opening quote is a fine start
-    ("この文章の意図を説明してください。", None),  # 意図 (intent) contains 図 but is not a figure
-    ("Traduisez cette phrase en anglais, s'il vous plaît.", None),
-])
-def test_heuristic_reasons(text, reason):
-    assert heuristic_reason(text, SEEDS, ON) == reason
-
-
-def test_heuristic_limits_are_options_and_can_be_switched_off():
-    assert heuristic_reason("Summarize this text.", SEEDS, HeuristicOptions(min_words=2)) is None
-    assert heuristic_reason("Describe the image below.", SEEDS, HeuristicOptions(enabled=False)) is None
-    assert heuristic_reason("次の文を訳して", SEEDS, HeuristicOptions(min_chars_ja=8)) == "too_short"
 
 
 # --- the core ----------------------------------------------------------------------------
@@ -85,15 +47,15 @@ def test_filter_instructions_keeps_fields_and_explains_every_rejection(tmp_path)
     ]
     kept, rejected, report = filter_instructions(candidates, seeds, Config())
     assert [r["id"] for r in kept] == ["7", "machine_7"]
-    assert kept[0]["request_id"] == "r1" and set(kept[0]) >= {"instruction", "max_rouge_l", "most_similar"}
+    assert kept[0]["request_id"] == "r1" and set(kept[0]) >= {"instruction", "filter_max_rouge_l", "filter_most_similar"}
     by_id = {r["id"]: r for r in rejected}
     assert by_id["machine_1"]["reason"] == "near_duplicate" and by_id["machine_1"]["backend"] == "fake"
-    assert by_id["machine_1"]["most_similar"]["id"] == "seed_task_0"
-    assert by_id["machine_1"]["max_rouge_l"] > 0.7
-    assert by_id["machine_3"]["most_similar"] == {"id": "7", "instruction": candidates[1]["instruction"]}
-    assert by_id["machine_4"]["most_similar"]["id"] == "seed_task_1"
-    assert by_id["machine_5"]["reason"] == "blacklist" and by_id["machine_5"]["max_rouge_l"] is None
-    assert by_id["machine_6"]["reason"] == "seed_copy" and by_id["machine_6"]["max_rouge_l"] == 1.0
+    assert by_id["machine_1"]["filter_most_similar"]["id"] == "seed_task_0"
+    assert by_id["machine_1"]["filter_max_rouge_l"] > 0.7
+    assert by_id["machine_3"]["filter_most_similar"] == {"id": "7", "instruction": candidates[1]["instruction"]}
+    assert by_id["machine_4"]["filter_most_similar"]["id"] == "seed_task_1"
+    assert by_id["machine_5"]["reason"] == "blacklist" and by_id["machine_5"]["filter_max_rouge_l"] is None
+    assert by_id["machine_6"]["reason"] == "seed_copy" and by_id["machine_6"]["filter_max_rouge_l"] == 1.0
     assert report["rejected_by_reason"]["near_duplicate"] == 3
     assert report["input"] == 7 and report["kept"] == 2 and report["rejected"] == 5
     assert sum(report["max_rouge_l_histogram"]["counts"]) == 2
@@ -105,20 +67,40 @@ def test_filter_instructions_keeps_fields_and_explains_every_rejection(tmp_path)
     assert "machine_4" in [r["id"] for r in kept_rouge]
 
 
+def test_generate_fields_pass_through_unchanged_beside_the_filters_own(tmp_path):
+    seeds = load_seeds(seeds_file(tmp_path, ["Give three tips for staying healthy.", "次の文章を英語に翻訳してください。"]))
+    generated = {"max_rouge_l": 0.25, "most_similar": "seed_task_0", "most_similar_instruction": "Give three tips...",
+                 "request_id": "r1"}
+    candidates = [
+        {"id": "machine_000000", "instruction": "Explain how photosynthesis works in plants.", **generated},
+        {"id": "machine_000001", "instruction": "次の文章を英語に翻訳してくだせい。", **generated},  # near seed 1
+        {"id": "machine_000002", "instruction": "Describe the image below in detail.", **generated},  # blacklist
+    ]
+    kept, rejected, _ = filter_instructions(candidates, seeds, Config())
+    for record in kept + rejected:
+        assert {key: record[key] for key in generated} == generated  # generate's meaning and type kept
+        assert "filter_max_rouge_l" in record and "filter_most_similar" in record
+    assert [r["id"] for r in kept] == ["machine_000000"]
+    assert (kept[0]["filter_max_rouge_l"], kept[0]["filter_most_similar"]) == (0.0, None)  # no token shared with a seed
+    by_id = {r["id"]: r for r in rejected}
+    assert by_id["machine_000001"]["filter_most_similar"] == {"id": "seed_task_1", "instruction": "次の文章を英語に翻訳してください。"}
+    assert by_id["machine_000002"]["filter_most_similar"] is None
+
+
 def test_kept_scores_are_exact_when_affordable_and_lower_bounds_otherwise(tmp_path):
     seeds = load_seeds(seeds_file(tmp_path, ["Name three animals that live in the ocean."]))
     candidates = [{"instruction": "Name some large animals that live in a desert."},
                   {"instruction": "List three plants that live in a desert climate."}]
     exact, _, report = filter_instructions(candidates, seeds, Config())
     assert report["max_rouge_l_exact"] == "all"
-    assert [r["most_similar"]["id"] for r in exact] == ["seed_task_0", "machine_1"]
-    assert exact[0]["max_rouge_l"] == pytest.approx(2 * 5 / (8 + 9))  # LCS "name animals that live in"
-    assert exact[1]["max_rouge_l"] == pytest.approx(2 * 5 / (9 + 9))  # LCS "that live in a desert"
+    assert [r["filter_most_similar"]["id"] for r in exact] == ["seed_task_0", "machine_1"]
+    assert exact[0]["filter_max_rouge_l"] == pytest.approx(2 * 5 / (8 + 9))  # LCS "name animals that live in"
+    assert exact[1]["filter_max_rouge_l"] == pytest.approx(2 * 5 / (9 + 9))  # LCS "that live in a desert"
     bounded, _, report = filter_instructions(candidates, seeds, Config(exact_scores_limit=0))
     assert report["max_rouge_l_exact"] != "all"
     assert [r["id"] for r in bounded] == [r["id"] for r in exact]
     for low, high in zip(bounded, exact):
-        assert low["max_rouge_l"] <= high["max_rouge_l"]
+        assert low["filter_max_rouge_l"] <= high["filter_max_rouge_l"]
 
 
 # --- identity with the rouge_score reference ------------------------------------------------
@@ -207,7 +189,7 @@ def test_kept_set_equals_the_sequential_rouge_score_reference(identity_case, tok
     kept_ids = {r["id"] for r in kept}
     assert [f"c{i}" in kept_ids for i in range(len(candidates))] == expected
     # The data really tests the threshold: many rejections, and many scores close to 0.7 on both sides.
-    near = [r["max_rouge_l"] for r in kept + rejected if r["max_rouge_l"] is not None and 0.6 <= r["max_rouge_l"] <= 0.8]
+    near = [r["filter_max_rouge_l"] for r in kept + rejected if r["filter_max_rouge_l"] is not None and 0.6 <= r["filter_max_rouge_l"] <= 0.8]
     assert len(rejected) > 200 and len(near) > 200
     assert len(candidates) > 1400
 

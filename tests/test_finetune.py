@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.batching import collate, pack_rows, packing_honoured, plan_batches
 from pipeline.errors import InputError, UserError
-from pipeline.finetune import Config, collate, make_loss_module, pack_rows, packing_honoured, plan_batches, run
+from pipeline.finetune import Config, make_loss_module, run
 from pipeline.templates import encode_example
 from tests.conftest import write_jsonl
 
@@ -156,9 +158,15 @@ def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(tiny
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     saved_optimizer = torch.load(ckpt / "optimizer.0.pt", weights_only=True)
     assert saved_optimizer["state"], "Adam moments were saved"
-    # Pretend the run died after step 2: drop the final model, then resume.
+    # Pretend the run died after step 2: drop the final model, then resume. A kill during a later
+    # save left a partial `step-N.tmp` folder, and a stray `step-x` folder is no checkpoint either.
     (tmp_path / "a" / "model.safetensors").unlink()
+    partial = tmp_path / "a" / "checkpoints" / "step-000004.tmp"
+    stray = tmp_path / "a" / "checkpoints" / "step-x"
+    for folder in (partial, stray):
+        shutil.copytree(ckpt, folder)
     stats = run(Config(**{**cfg.__dict__, "resume": True}))
+    assert not partial.exists() and stray.exists()
     resumed = weights(tmp_path / "a")
     for name in straight:
         assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
@@ -168,6 +176,9 @@ def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(tiny
     # Resuming with a different data order is refused rather than silently mixing runs.
     with pytest.raises(UserError, match="--seed"):
         run(Config(**{**cfg.__dict__, "resume": True, "seed": 1}))
+    # A new run in the folder would leave the old checkpoints for a later --resume: refused.
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run .*--resume.*--overwrite"):
+        run(cfg)
 
 
 @pytest.mark.slow
@@ -259,3 +270,178 @@ def test_chat_messages_records_train(tiny, tiny_model_dir, tmp_path):
     # One step sees both records; only the assistant answers (with end-of-turn) are trained.
     assert stats.trained_tokens == sum(encode_example(r, tiny[1], "chat", 512).num_trained_tokens for r in records)
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_kernel_that_ignores_position_ids_is_detected(tiny):
+    """packing_honoured must say False when records leak into each other, not only True."""
+    import torch
+
+    class PositionBlindDecoder(torch.nn.Module):
+        """The real decoder, but run as one causal sequence: what a kernel ignoring position_ids does."""
+
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return self.decoder(input_ids=input_ids, use_cache=use_cache)
+
+    class PositionBlind(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.config = lm.config
+            self.blind = PositionBlindDecoder(lm.get_decoder())
+
+        def get_decoder(self):
+            return self.blind
+
+    assert packing_honoured(tiny[0], "cpu") is True
+    assert packing_honoured(PositionBlind(tiny[0]), "cpu") is False
+
+
+def test_one_accumulated_step_equals_one_full_batch(tiny):
+    """grad-accum 2 over two micro-batches of unequal token counts updates exactly as one batch of all four."""
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.finetune import trained_tokens
+    from pipeline.training import Trainer, train_step
+
+    model, tok = tiny
+    # Outputs of different lengths: a per-micro-batch mean would weight them wrongly.
+    records = [RECORDS[0], RECORDS[1], {"instruction": "猫を英語で言うと？", "output": "猫は英語で cat です。とても短い答えです。"},
+               RECORDS[4]]
+    examples = [encode_example(r, tok, "alpaca", 512) for r in records]
+    accelerator = Accelerator(cpu=True)
+
+    def one_step(batches):
+        lm = copy.deepcopy(model).train()
+        module = make_loss_module(lm)
+        # Plain SGD: its update is proportional to the gradient, so a mis-scaled accumulation shows
+        # (Adam's first step is nearly sign(gradient) and would hide a factor of two).
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+        trainer = Trainer(accelerator, module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+        done = train_step(trainer, batches, filler=lambda: None, units=trained_tokens, step=1)
+        return done, {name: p.detach().clone() for name, p in lm.named_parameters()}
+
+    pad = tok.pad_token_id
+    assert examples[0].num_trained_tokens + examples[1].num_trained_tokens != \
+        examples[2].num_trained_tokens + examples[3].num_trained_tokens
+    accumulated, after_accumulated = one_step([collate([[0], [1]], examples, pad), collate([[2], [3]], examples, pad)])
+    full, after_full = one_step([collate([[0], [1], [2], [3]], examples, pad)])
+    assert accumulated.units == full.units == sum(e.num_trained_tokens for e in examples)
+    assert accumulated.loss == pytest.approx(full.loss, rel=1e-5)
+    changed = [name for name in after_full if not torch.equal(after_full[name], dict(model.named_parameters())[name])]
+    assert changed, "the step changed the weights"
+    for name in after_full:
+        assert torch.allclose(after_accumulated[name], after_full[name], atol=1e-6), name
+
+
+# ----------------------------------------------------------------------------- checkpoints and runaway losses
+
+def test_a_fresh_run_refuses_old_checkpoints_and_overwrite_starts_afresh(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    cfg = fast(data, out, model=str(tiny_model_dir), max_steps=3, save_every=1, lr=1e-3)
+    run(cfg)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000001", "step-000002"]
+    with pytest.raises(UserError, match=r"--output-dir .*holds checkpoints of an earlier run \(last: step-000002\)"):
+        run(dataclasses.replace(cfg, max_steps=2))
+    # --overwrite removes the earlier run's checkpoints and metrics; the new run's are all there is.
+    run(dataclasses.replace(cfg, max_steps=2, overwrite=True))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state = json.loads((out / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["total_steps"] == 2 and state["settings"]["max_steps"] == 2 and len(state["settings"]["data_sha256"]) == 64
+    with pytest.raises(UserError, match="--overwrite: not with --resume"):
+        dataclasses.replace(cfg, resume=True, overwrite=True)
+
+
+def test_resume_checks_the_checkpoint_settings_and_total_steps(tmp_path, data):
+    from pipeline.finetune import resume_settings
+    from pipeline.training import check_resume_state
+
+    cfg = fast(data, tmp_path / "run", template="alpaca")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    settings = resume_settings(cfg)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "trained_tokens": 10, "total_steps": 4,
+                                                               "settings": settings}))
+    assert check_resume_state(checkpoint, settings, 4)["step"] == 2
+    with pytest.raises(UserError, match="this run has 6 steps, the checkpoint's run 4"):
+        check_resume_state(checkpoint, settings, 6)
+    with pytest.raises(UserError, match="--batch-size differ"):
+        check_resume_state(checkpoint, resume_settings(dataclasses.replace(cfg, batch_size=2)), 4)
+    # The same file name with other records is another run's data.
+    data.write_text(data.read_text(encoding="utf-8") + json.dumps({"instruction": "もう一つ", "output": "はい"}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(UserError, match="data_sha256 differ"):
+        check_resume_state(checkpoint, resume_settings(cfg), 4)
+    # A checkpoint that does not record its settings cannot be checked, so it is not resumed.
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "trained_tokens": 10}))
+    with pytest.raises(UserError, match="records no settings"):
+        check_resume_state(checkpoint, settings, 4)
+
+
+def test_only_whole_step_digit_folders_are_checkpoints(tmp_path):
+    from pipeline.training import checkpoints, partial_checkpoints, remove_partial_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-000010", "step-000002", "step-000011.tmp", "step-x", "step-3-old", "step-000004"):
+        (root / name).mkdir(parents=True)
+        if name != "step-000004":  # killed before its state was written
+            (root / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000002", "step-000010"]
+    assert [p.name for p in partial_checkpoints(tmp_path)] == ["step-000011.tmp"]
+    remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004", "step-000010", "step-3-old", "step-x"]
+
+
+def test_a_loss_that_is_not_finite_stops_training_without_saving(tiny_model_dir, data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pipeline.cli import main
+
+    # 3e37 is a finite flag, but AdamW moves every weight by ~lr a step: after step 1 they are
+    # huge (the normed forward still gives a finite loss), after step 2 infinite, so step 3's
+    # loss is NaN.
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(data), "--model", str(tiny_model_dir), "--output-dir", str(out), "--device", "cpu",
+            "--val-fraction", "0", "--lr", "3e37", "--lr-schedule", "constant", "--max-steps", "3"]
+    assert main(argv) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: training stopped at step 3: the loss is nan (not finite)")
+    assert not (out / "model.safetensors").exists()
+    # A checkpoint is refused as soon as the weights are not finite, even while the loss still is.
+    assert main(argv + ["--save-every", "1", "--overwrite"]) == 2
+    assert "training stopped after step 2: the weights are no longer finite" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert all(bool(t.isfinite().all()) for t in load_file(out / "checkpoints" / "step-000001" / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists()
+    # A rate whose step size does not even fit in a float32 is one line too, not a traceback.
+    assert main(argv[:-2] + ["--lr", "1e39", "--max-steps", "2", "--overwrite"]) == 2
+    assert "training stopped at step 1: the update does not fit in a float" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--lr", "inf", "--max-steps", "2"]) == 2  # a non-finite flag never starts
+    assert "--lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_the_saved_model_is_prompted_as_it_was_trained(tiny_model_dir, data, tmp_path, template):
+    """A server's chat endpoint renders one user turn with the saved chat_template; eval uses
+    prompt_ids with the run's template: both give the ids training put before the answer."""
+    from pipeline.models import load_tokenizer
+    from pipeline.records import train_settings
+    from pipeline.templates import prompt_ids
+
+    out = tmp_path / template
+    run(fast(data, out, model=str(tiny_model_dir), max_steps=1, template=template))
+    saved = load_tokenizer(str(out))
+    eval_template = train_settings(out)["template"]
+    assert eval_template == template
+    for record in (RECORDS[0], {"instruction": "「ありがとう」を英語にしてください。", "output": "Thank you."}):
+        served = saved.apply_chat_template([{"role": "user", "content": record["instruction"]}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
+        example = encode_example(record, saved, template, 512)
+        assert served == prompt_ids(record, eval_template, saved) == example.input_ids[: example.num_prompt_tokens]

@@ -150,6 +150,14 @@ def test_a_cut_off_answer_loses_its_last_item(tmp_path):
     assert reasons.count("truncated") >= 2  # one per answer: 3 of 4 candidates per answer are usable
 
 
+@pytest.mark.parametrize("mode, ending", [("self-instruct", "\n9."), ("alpaca", "\n4. Instruction:")])
+def test_a_completions_request_ends_where_the_model_continues(tmp_path, mode, ending):
+    client = FakeClient(lambda request: "")
+    with pytest.raises(UserError, match="--max-requests"):
+        run(config(tmp_path, mode=mode, api="completions", max_requests=2, cache=False), client=client)
+    assert [r.prompt.endswith(ending) for r in client.seen] == [True, True], repr(client.seen[0].prompt[-20:])
+
+
 def test_failed_requests_are_counted_and_the_run_goes_on(tmp_path):
     counter = iter(range(10_000))
 
@@ -203,13 +211,35 @@ def test_japanese_seeds_give_accepted_japanese_instructions(tmp_path):
     assert all("依頼" in prompt_of(request) for request in client.seen)  # the Japanese prompt text
 
 
+def test_language_ja_keeps_japanese_requests_that_quote_english(tmp_path):
+    # Issue 14: a Japanese request whose input is an English sentence is Japanese, not rejected
+    # as wrong_language under --language ja.
+    def answer(request):
+        rng = content_rng(prompt_of(request))
+        items = [f"次の英文を日本語に訳してください: The {' '.join(rng.sample(VOCABULARY, 14))} is here."
+                 for _ in range(4)]
+        return "\n".join(f"{9 + k}. {text}" for k, text in enumerate(items))
+
+    client = FakeClient(answer)
+    seeds = seeds_file(tmp_path, english=SEEDS_EN[:2], japanese=SEEDS_JA)
+    stats = run(config(tmp_path, seeds=str(seeds), language="ja", num_instructions=4), client=client)
+    records = read_lines(tmp_path / "machine.jsonl")
+    assert len(records) == 4 and all(r["language"] == "ja" for r in records)
+    assert stats.rejected.get("wrong_language", 0) == 0
+
+
 def test_language_all_keeps_the_seeds_mix_and_a_missing_language_is_a_user_error(tmp_path):
     client = FakeClient(lambda request: numbered_answer(content_rng(prompt_of(request)), count=1))
-    seeds = seeds_file(tmp_path, english=SEEDS_EN, japanese=SEEDS_JA)
-    run(config(tmp_path, seeds=str(seeds), num_instructions=30, cache=False), client=client)
+    # 2 of 10 seeds are Japanese: requests pick Japanese with weight 0.2. Without the weights
+    # (one language as likely as the other) the share would be 0.5; over 60 requests the
+    # weighted share has standard deviation sqrt(0.2 * 0.8 / 60) = 0.052, so the window below is
+    # over two of those either side of 0.2 and about four below 0.5.
+    seeds = seeds_file(tmp_path, english=SEEDS_EN, japanese=SEEDS_JA[:2])
+    assert len(SEEDS_EN) == 8
+    run(config(tmp_path, seeds=str(seeds), num_instructions=60, cache=False), client=client)
     languages = [language_of(prompt_of(r)) for r in client.seen]
     share_ja = languages.count("ja") / len(languages)
-    assert 0.15 < share_ja < 0.85  # 7 of 15 seeds are Japanese
+    assert len(languages) >= 60 and 0.08 < share_ja < 0.32, share_ja
     with pytest.raises(UserError, match="--language ja: .* has no ja seed tasks"):
         run(config(tmp_path, out=str(tmp_path / "other.jsonl"), language="ja"), client=client)
 
@@ -243,6 +273,37 @@ def test_a_model_whose_answers_are_all_rejected_stops_with_a_clear_error(tmp_pat
     with pytest.raises(UserError, match="--max-requests: stopped after 7 requests with 0 of 12"):
         run(config(tmp_path, max_requests=7), client=client)
     assert len(client.seen) == 7
+
+
+# A list with exact repeats (English and Japanese), a near repeat, and a text with no ROUGE-L
+# tokens at all: the cases where generate's own exact-repeat check used to disagree with filter.
+REPEATS = [
+    "Describe the kalan tomor mitix in detail.", "Describe the kalan tomor mitix in detail.",
+    "Describe the kalan tomor mitix in more detail.",
+    "潮の満ち引きの仕組みを子どもにわかるように説明してください。", "潮の満ち引きの仕組みを子どもにわかるように説明してください。",
+    "!!! ??? ...", "!!! ??? ...",
+]
+
+
+@pytest.mark.parametrize("threshold, heuristics", [(1.0, True), (1.0, False), (0.7, False), (0.7, True)])
+def test_generate_keeps_exactly_what_filter_keeps_from_the_same_candidates(tmp_path, threshold, heuristics):
+    from pipeline.filter import Config as FilterConfig
+    from pipeline.filter import filter_instructions
+    from pipeline.seeds import load_seeds
+
+    seeds = seeds_file(tmp_path)
+    kept, _, _ = filter_instructions([{"instruction": text} for text in REPEATS], load_seeds(seeds),
+                                     FilterConfig(threshold=threshold, heuristics=heuristics))
+    expected = [record["instruction"] for record in kept]
+    answers = iter(["\n".join(f"{9 + k}. {text}" for k, text in enumerate(REPEATS))])
+    client = FakeClient(lambda request: next(answers, ""))
+    run(config(tmp_path, seeds=str(seeds), num_instructions=len(expected), threshold=threshold,
+               heuristics=heuristics, max_requests=2, cache=False), client=client)
+    assert [r["instruction"] for r in read_lines(tmp_path / "machine.jsonl")] == expected
+    if threshold == 1.0:  # nothing scores above 1.0: exact repeats are kept by both stages
+        assert expected.count(REPEATS[0]) == 2 and expected.count(REPEATS[3]) == 2
+    else:
+        assert expected.count(REPEATS[0]) == 1 and expected.count(REPEATS[3]) == 1
 
 
 @pytest.mark.parametrize("overrides, flag", [
@@ -338,3 +399,63 @@ def test_kill_9_then_rerun_ends_with_exactly_n_valid_records(tmp_path, fake_open
     records = read_lines(out)  # every line parses
     assert_clean_pool(records, 40)
     assert records[:killed_with] == before  # nothing written before the kill was lost or rewritten
+
+
+def one_task_answer(body: dict) -> str:
+    return numbered_answer(random.Random(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()), count=1)
+
+
+def openai_config(tmp_path: Path, server, **overrides) -> Config:
+    values = dict(backend="openai", base_url=server.base_url, model="fake-model", timeout=5.0, retry_base_delay=0.01,
+                  cache=False)
+    values.update(overrides)
+    return config(tmp_path, **values)
+
+
+def test_exactly_n_at_concurrency_against_a_server_failing_one_request_in_three(tmp_path, fake_openai):
+    # One new task per answer, so the run needs about as many requests as instructions; with one
+    # retry, a retried fault followed by a malformed body once drove the budget to -1 (a crash).
+    fake_openai.answer = one_task_answer
+    fake_openai.retry_after = "0"
+    fake_openai.random_faults = (1 / 3, ("500", "malformed", "malformed", "drop", "429", "402"), 7)
+    stats = run(openai_config(tmp_path, fake_openai, num_instructions=60, concurrency=16, max_retries=1,
+                              max_requests=1000), client=None)
+    assert_clean_pool(read_lines(tmp_path / "machine.jsonl"), 60)
+    assert stats.stopped == "done" and stats.failed > 0 and stats.retries > 0
+    # Every request the server saw is in the summary: sent = answered + failed + abandoned, plus
+    # the retries; an abandoned request may also have been retried before it was cancelled.
+    assert stats.sent == stats.requests + stats.abandoned
+    assert stats.sent + stats.retries <= fake_openai.requests <= stats.sent + stats.retries + stats.abandoned
+
+
+def test_a_rejected_request_is_recorded_once_and_never_sent_again(tmp_path, fake_openai):
+    fake_openai.answer = one_task_answer
+    fake_openai.faults = ["400"]
+    # Credentials in the URL work, and are never shown or stored (issue 13, item 9).
+    with_key = fake_openai.base_url.replace("http://", "http://bob:sk-in-url-SECRET@")
+    run(openai_config(tmp_path, fake_openai, num_instructions=3, concurrency=1, base_url=with_key), client=None)
+    [refused] = [r for r in read_lines(tmp_path / "machine.rejected.jsonl") if r["reason"] == "request_rejected"]
+    shown = fake_openai.base_url.replace("http://", "http://[redacted]@")
+    assert refused["error"] == f"request rejected at {shown} (400): This model's maximum context length was exceeded."
+    saved = json.loads((tmp_path / "machine.config.json").read_text(encoding="utf-8"))
+    assert saved["config"]["base_url"] == shown
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"sk-in-url-SECRET" in p.read_bytes()]
+    run(openai_config(tmp_path, fake_openai, num_instructions=6, concurrency=1), client=None)
+    records = read_lines(tmp_path / "machine.jsonl")
+    assert_clean_pool(records, 6)
+    indices = [r["request_index"] for r in records]
+    assert refused["request_index"] not in indices and len(set(indices)) == 6
+    assert [r["reason"] for r in read_lines(tmp_path / "machine.rejected.jsonl")].count("request_rejected") == 1
+
+
+def test_the_token_limit_holds_at_high_concurrency(tmp_path, fake_openai, capsys):
+    fake_openai.answer = one_task_answer
+    fake_openai.latency = 0.05
+    stats = run(openai_config(tmp_path, fake_openai, num_instructions=100, concurrency=64, max_tokens_total=500,
+                              max_tokens=100), client=None)
+    one_request = max(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+                      for r in read_lines(tmp_path / "machine.jsonl"))
+    assert stats.stopped == "max_tokens_total" and 500 <= stats.tokens <= 500 + one_request
+    assert fake_openai.peak_in_flight < 64 and stats.sent == fake_openai.requests
+    summary = capsys.readouterr().out
+    assert f"requests   {stats.sent} sent (" in summary and "--max-tokens-total reached" in summary

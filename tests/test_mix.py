@@ -213,3 +213,31 @@ def test_a_seed_file_is_a_source_of_one_record_per_instance(tmp_path):
         ("Name a primary colour.", "not blue", "Yellow."),
     ]
     assert {r["mix_source"] for r in records} == {str(generated), str(seeds)}
+
+
+def test_a_score_exactly_at_the_threshold_is_kept_and_one_above_is_dropped(tmp_path):
+    from pipeline.similarity import rouge_l, tokenize
+
+    first = [{"instruction": "alpha beta", "input": "", "output": "x"}]
+    tie = {"instruction": "alpha gamma", "input": "", "output": "y"}  # LCS 1 of 2 and 2 tokens: F1 exactly 0.5
+    above = {"instruction": "alpha beta gamma", "input": "", "output": "z"}  # LCS 2: P 2/3, R 1: F1 0.8
+    assert rouge_l(tokenize("alpha gamma"), tokenize("alpha beta")) == 0.5  # computed apart from mix
+    records, stats = run_mix(tmp_path, {"a.jsonl": first, "b.jsonl": [tie, above]}, threshold=0.5)
+    assert sorted(r["instruction"] for r in records) == ["alpha beta", "alpha gamma"]
+    assert (stats.sources[1].duplicates, stats.sources[1].kept) == (1, 1)
+
+
+def test_ids_are_never_written_twice(tmp_path):
+    a = [{**alpaca("volcanoes"), "id": "machine_1"}, {**alpaca("glaciers"), "id": "machine_1#2"}]
+    b = [{**alpaca("beekeeping", "日本語で説明して:"), "id": "machine_1"}, {**alpaca("knitting", "List three facts on"), "id": 7}]
+    records, _ = run_mix(tmp_path, {"a.jsonl": a, "b.jsonl": b}, weights=(2, 1))
+    ids = [str(r["id"]) for r in records]
+    assert len(records) == 6 and len(ids) == len(set(ids)), ids
+    by_text = {}
+    for r in records:
+        by_text.setdefault(r["instruction"], []).append((str(r["id"]), r.get("source_id")))
+    # The first record with an id keeps it; a copy or a clash gets a fresh one and keeps its original.
+    assert sorted(by_text["Write a short poem about volcanoes."]) == [("machine_1", None), ("machine_1#3", "machine_1")]
+    assert sorted(by_text["Write a short poem about glaciers."]) == [("machine_1#2", None), ("machine_1#2#2", "machine_1#2")]
+    assert by_text["日本語で説明して: beekeeping."] == [("machine_1#4", "machine_1")]
+    assert by_text["List three facts on knitting."] == [("7", None)]

@@ -152,6 +152,22 @@ def test_japanese_instructions_get_japanese_few_shot(tmp_path, seeds_file, fake_
     assert record["is_classification"] is False
 
 
+def test_japanese_request_quoting_english_gets_japanese_prompts_and_keeps_its_answer_line(tmp_path, seeds_file,
+                                                                                           fake_openai):
+    # Issue 14: the English it quotes does not make the request English, and a 「答え：」 line
+    # inside the output is part of the output, not a new field.
+    output = "The library is open from nine to five.\n答え：図書館は平日の九時から五時まで開いています。"
+    fake_openai.answer = lambda body: "いいえ" if is_decision(body) else f"入力：なし\n出力：{output}"
+    tasks = [{"id": "ja_en", "instruction": "次の英文を日本語に訳してください: The library is open from nine to five."}]
+    cfg = config(tmp_path, instructions_file(tmp_path, tasks), seeds_file, base_url=fake_openai.base_url)
+    respond.run(cfg)
+    for body in fake_openai.bodies:
+        text = json.dumps(body["messages"], ensure_ascii=False)
+        assert "タスク:" in text and any(seed in text for seed in JA_SEED_TEXTS)
+    [record] = read(cfg.out)
+    assert record["output"] == output
+
+
 def test_completions_api_sends_one_prompt_and_parses_the_continuation(tmp_path, seeds_file, fake_openai):
     # A base model continues the prompt, which already ends with "Input:".
     fake_openai.answer = lambda body: " No" if is_decision(body) else " 12\nOutput: even\n\nTask: next one"
@@ -362,8 +378,10 @@ def test_failed_requests_are_written_nowhere_and_asked_again(tmp_path, seeds_fil
     failing = FakeClient(lambda r: Response(request=r, error="HTTP 500: boom"))
     tasks = [{"id": "x", "instruction": "Do x.", "is_classification": False}]
     cfg = config(tmp_path, instructions_file(tmp_path, tasks), seeds_file)
-    stats = respond.run(cfg, client=failing)
-    assert stats.failed == 1 and read(cfg.out) == [] and read(tmp_path / "alpaca.rejected.jsonl") == []
+    # The stage says how many failed, with the error, and exits non-zero (item 8 of issue 13).
+    with pytest.raises(UserError, match=r"^1 requests failed after all retries \(HTTP 500: boom\); rerun"):
+        respond.run(cfg, client=failing)
+    assert read(cfg.out) == [] and read(tmp_path / "alpaca.rejected.jsonl") == []
     stats = respond.run(cfg, client=FakeClient(lambda r: "Input: a\nOutput: b"))
     assert stats.written == 1 and stats.failed == 0
 
@@ -414,3 +432,36 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, seeds_file):
     flag = instructions_file(tmp_path, [{"instruction": "Do a.", "is_classification": "yes"}], "flag.jsonl")
     with pytest.raises(UserError, match="flag.jsonl:1: is_classification"):
         respond.run(config(tmp_path, flag, seeds_file), client=FakeClient(lambda r: "x"))
+
+
+# ------------------------------------------------------------ requests the server refuses, spending limits
+
+
+def test_a_rejected_request_is_a_rejected_record_and_a_rerun_does_not_send_it(tmp_path, seeds_file, fake_openai):
+    fake_openai.answer = smart_answer
+    fake_openai.faults = ["422"]
+    tasks = [{"id": "x", "instruction": "この文章を要約してください。", "is_classification": False},
+             {"id": "y", "instruction": "Write a haiku about rain.", "is_classification": False}]
+    cfg = config(tmp_path, instructions_file(tmp_path, tasks), seeds_file, concurrency=1,
+                 base_url=fake_openai.base_url)
+    stats = respond.run(cfg, client=None)
+    [refused] = read(tmp_path / "alpaca.rejected.jsonl")
+    assert (refused["id"], refused["reason"], refused["instruction"]) == ("x-0", "request_rejected", tasks[0]["instruction"])
+    assert refused["error"] == (f"request rejected at {fake_openai.base_url} (422): "
+                                "Input contains content that our safety system does not allow.")
+    assert [r["id"] for r in read(cfg.out)] == ["y-0"] and stats.rejected == {"request_rejected": 1}
+    sent = fake_openai.requests
+    again = respond.run(cfg, client=None)
+    assert fake_openai.requests == sent and again.instructions_done == 2
+
+
+def test_respond_stops_at_its_token_limit_and_resumes(tmp_path, seeds_file, capsys):
+    client = FakeClient(lambda r: "Input: a case\nOutput: an answer for " + r.key)
+    tasks = [{"id": f"t{i}", "instruction": f"Do task {i}.", "is_classification": False} for i in range(20)]
+    cfg = config(tmp_path, instructions_file(tmp_path, tasks), seeds_file, max_tokens_total=60, max_tokens=16)
+    stats = respond.run(cfg, client=client)
+    # Each answer costs 10 prompt + 8 completion tokens here; the limit lets about 60 through.
+    assert stats.stopped == "max_tokens_total" and 60 <= stats.prompt_tokens + stats.completion_tokens <= 60 + 18
+    assert 0 < stats.written < 20 and "--max-tokens-total reached" in capsys.readouterr().out
+    done = respond.run(config(tmp_path, cfg.in_path, seeds_file), client=client)
+    assert done.instructions_done == 20 and len(read(cfg.out)) == 20

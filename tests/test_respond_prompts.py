@@ -1,6 +1,8 @@
 """pipeline/respond_prompts.py: prompt building, few-shot choice and answer parsing, on literal strings."""
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -41,12 +43,50 @@ SEEDS = [
     ("入力: 吾輩は猫である。\n出力: I am a cat.", ("吾輩は猫である。", "I am a cat.")),
     ("Paris is the capital of France.", ("", "Paris is the capital of France.")),
     ("Input: only an input", ("only an input", "")),
-    ("Input: x\nAnswer: 42", ("x", "42")),
+    ("Answer: 42", ("", "42")),  # a synonym is accepted as the first label
+    ("Input: x\nAnswer: 42", ("x\nAnswer: 42", "")),  # but only the prompt's own labels end a field
+    ("入力：なし\n出力：問題：1 + 1は？\n回答：2", ("", "問題：1 + 1は？\n回答：2")),
+    ("入力：問題：3 × 4\n答え：12\n出力：正解です。", ("問題：3 × 4\n答え：12", "正解です。")),
+    ("入力：なし\n出力：手順\n指示：右に曲がる\nタスク：別の例", ("", "手順\n指示：右に曲がる")),
     ("", ("", "")),
 ])
 def test_parse_input_first(answer, expected):
     parsed = p.parse_input_first(answer)
     assert (parsed.input, parsed.output) == expected
+
+
+SEEDS_FILE = Path(__file__).resolve().parents[1] / "seeds" / "seed_tasks.jsonl"
+
+
+def seed_148() -> dict:
+    for line in SEEDS_FILE.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["id"] == "seed_task_148":
+            return record
+    raise AssertionError("seed_task_148 is missing from seeds/seed_tasks.jsonl")
+
+
+@pytest.mark.parametrize("label_style", ["{name}：", "{name}: ", "**{name}**："])
+def test_seed_148s_answer_line_survives_parsing(label_style):
+    # The seed's own output ends with 「答え：130円」: a line inside the output, not a new field.
+    record = seed_148()
+    given, output = record["instances"][0]["input"], record["instances"][0]["output"]
+    assert "\n答え：130円" in output
+    label = lambda name: label_style.format(name=name)  # noqa: E731
+    answer = f"{label('入力')}{given}\n{label('出力')}{output}"
+    parsed = p.parse_input_first(answer)
+    assert (parsed.input, parsed.output) == (given, output)
+    assert p.parse_output_only(output) == output
+    assert p.parse_output_only(f"{label('出力')}{output}\n\n{label('タスク')}次の例") == output
+
+
+def test_question_and_answer_output_keeps_its_answer():
+    output = "問題：りんごが3個あり、2個食べました。残りはいくつですか。\n回答：1個"
+    parsed = p.parse_input_first(f"入力：なし\n出力：{output}")
+    assert (parsed.input, parsed.output) == ("", output)
+    assert p.parse_output_only(output) == output
+    english = "Question: What is 2 + 2?\nAnswer: 4"
+    assert p.parse_input_first(f"Input: None\nOutput: {english}").output == english
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -141,7 +181,7 @@ def test_japanese_prompts_use_japanese_labels():
 
 
 def test_unknown_kind_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown prompt kind 'sideways'"):
         p.instance_prompt("sideways", "x", SEEDS, "en")
 
 

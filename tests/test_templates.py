@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.templates import (
-    ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, TEMPLATES, build_prompt, encode_example, prompt_ids,
+    ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, TEMPLATES, alpaca_chat_template, build_prompt, encode_example, prompt_ids,
+    serving_chat_template,
 )
 
 
@@ -119,3 +120,42 @@ def test_chat_three_turns_trains_exactly_the_assistant_turns(tok):
 def test_messages_record_needs_chat_template(tok):
     with pytest.raises(ValueError, match="chat template"):
         encode_example({"messages": [{"role": "user", "content": "hi"}]}, tok, "alpaca", max_length=64)
+
+
+# A served model gets one user turn; the instruction alone, as a chat client sends it.
+SERVED_RECORDS = [{"instruction": "Name three primary colours.", "output": "Red, yellow, blue."},
+                  {"instruction": "日本の首都はどこですか？", "output": "東京です。"}]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_the_saved_chat_template_renders_the_training_prompt(tok, template):
+    """What vLLM/Ollama send for one user turn is exactly the prompt ids training put before the answer."""
+    from transformers import AutoTokenizer
+
+    served = AutoTokenizer.from_pretrained(tok.name_or_path)
+    saved = serving_chat_template(served, template)
+    if saved is not None:
+        served.chat_template = saved
+    for record in SERVED_RECORDS:
+        ids = served.apply_chat_template([{"role": "user", "content": record["instruction"]}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+        example = encode_example(record, tok, template, max_length=512)
+        assert ids == prompt_ids(record, template, tok) == example.input_ids[: example.num_prompt_tokens]
+    if template == "alpaca":
+        # The tokenizer's own (ChatML) template would prompt the Alpaca-tuned model in a format it never saw.
+        assert "<|im_start|>" not in served.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_the_alpaca_chat_template_writes_the_bos_a_llama_tokenizer_adds(tok):
+    """prompt_ids gives Alpaca prompts the tokenizer's special tokens; the template must write them as text."""
+    from transformers import AutoTokenizer
+
+    llama_like = AutoTokenizer.from_pretrained(tok.name_or_path)
+    llama_like.add_bos_token = True  # SmolLM2 adds none; a Llama tokenizer adds <s>
+    record = SERVED_RECORDS[1]
+    if llama_like(record["instruction"]).input_ids[0] != llama_like.bos_token_id:
+        pytest.skip("this tokenizer does not honour add_bos_token")
+    llama_like.chat_template = alpaca_chat_template(llama_like)
+    ids = llama_like.apply_chat_template([{"role": "user", "content": record["instruction"]}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+    assert ids == prompt_ids(record, "alpaca", llama_like) and ids[0] == llama_like.bos_token_id

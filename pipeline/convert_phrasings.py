@@ -5,9 +5,15 @@ sentence, not a task; several phrasings per kind (picked with the stage's seed) 
 instructions varied while saying the same thing. Placeholders are filled with `str.format`:
 `{source}` / `{target}` (language names), `{labels}` (the label list). Keep the English and
 Japanese lists the same length so a seed picks the same "slot" in either language.
+
+The Japanese phrasings are written as a Japanese user asks, not translated from the English
+ones: the label list sits inside the sentence (「肯定、否定のいずれかに」), not after a colon,
+and one phrasing per kind is casual (〜して、〜してくれる？), as real requests often are.
 """
 
 from __future__ import annotations
+
+import re
 
 INSTRUCTIONS: dict[str, dict[str, list[str]]] = {
     "qa": {
@@ -19,11 +25,11 @@ INSTRUCTIONS: dict[str, dict[str, list[str]]] = {
             "Answer the question based on the given passage.",
         ],
         "ja": [
-            "文章を読んで質問に答えてください。",
-            "次の文章を読み、その後の質問に答えてください。",
-            "文章の情報だけを使って、質問に答えてください。",
-            "以下の文章から質問の答えを見つけてください。",
-            "与えられた文章に基づいて質問に答えてください。",
+            "文章を読んで、質問に答えてください。",
+            "次の文章を読み、あとの質問に答えてください。",
+            "文章に書かれていることだけを使って、質問に答えてください。",
+            "以下の文章から答えを探して、質問に答えてください。",
+            "この文章を読んで、最後の質問に答えて。",
         ],
     },
     "translation": {
@@ -37,9 +43,9 @@ INSTRUCTIONS: dict[str, dict[str, list[str]]] = {
         "ja": [
             "次の文章を{source}から{target}に翻訳してください。",
             "この{source}の文章を{target}に訳してください。",
-            "以下の{source}の文を{target}に翻訳してください。",
-            "次の{source}のテキストの{target}訳を書いてください。",
-            "この{source}の文章を{target}ではどう言いますか。",
+            "以下の{source}の文を、自然な{target}に訳してください。",
+            "次の{source}を{target}にしてください。",
+            "この{source}、{target}に訳してくれる？",
         ],
     },
     "classification": {
@@ -51,11 +57,11 @@ INSTRUCTIONS: dict[str, dict[str, list[str]]] = {
             "Label the following text as one of: {labels}.",
         ],
         "ja": [
-            "次のテキストを、これらのカテゴリのいずれかに分類してください: {labels}。",
-            "次のラベルのうち、テキストに最も合うものはどれですか: {labels}。",
-            "テキストにラベルを一つ付けてください。候補: {labels}。",
-            "テキストを読んで、カテゴリを次から選んでください: {labels}。",
-            "次のテキストを {labels} のいずれかに分類してください。",
+            "次の文章を、{labels}のいずれかに分類してください。",
+            "この文章に最も合うものを、{labels}の中から一つ選んでください。",
+            "文章を読んで、ラベルを一つ付けてください。選べるのは{labels}です。",
+            "次の文章はどれに当てはまりますか。{labels}から選んで答えてください。",
+            "この文章、{labels}のどれに入る？",
         ],
     },
     "summarization": {
@@ -68,10 +74,10 @@ INSTRUCTIONS: dict[str, dict[str, list[str]]] = {
         ],
         "ja": [
             "次の文章を要約してください。",
-            "以下の文章の短い要約を書いてください。",
+            "以下の文章を短くまとめてください。",
             "この文章の要点を数文でまとめてください。",
             "次の文書を簡潔に要約してください。",
-            "この文章は何について書かれていますか。要約してください。",
+            "この文章、何が書いてあるか短くまとめてくれる？",
         ],
     },
 }
@@ -91,6 +97,15 @@ UNANSWERABLE: dict[str, str] = {
 
 # Joins the label list inside a classification instruction.
 LABEL_SEPARATOR: dict[str, str] = {"en": ", ", "ja": "、"}
+
+# What separates labels in `--labels`: a comma, or the comma and 読点 a Japanese keyboard types
+# (，、 and the half-width ､), so `--labels 肯定、否定` means two labels, not one.
+_LABEL_SPLIT = re.compile(r"[,，、､]")
+
+
+def split_labels(text: str | None) -> list[str]:
+    """`split_labels("肯定、否定, 中立") == ["肯定", "否定", "中立"]`; empty pieces are dropped."""
+    return [label.strip() for label in _LABEL_SPLIT.split(text or "") if label.strip()]
 
 # Language names for the translation instructions, by ISO 639-1 code, in each instruction
 # language. A code not listed here is written as the code itself.

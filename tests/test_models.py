@@ -1,0 +1,122 @@
+"""Finding models: local folders, the embedded name, and LoRA run folders that hold only an adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.models import (ADAPTER_CONFIG, ADAPTER_DIR, EMBEDDED_MODEL, adapter_base, adapter_folder, portable_name,
+                             resolve_model)
+
+
+def test_portable_name_never_is_the_cache_folder():
+    assert portable_name("smollm2") == portable_name("embedded") == EMBEDDED_MODEL
+    assert portable_name("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    assert portable_name("runs/base") == "runs/base"
+
+
+def write_adapter(folder, base: str | None) -> None:
+    folder.mkdir(parents=True)
+    config = {"peft_type": "LORA"} if base is None else {"peft_type": "LORA", "base_model_name_or_path": base}
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
+
+
+def test_a_lora_run_folder_is_a_model_whose_base_the_adapter_names(tmp_path, tiny_model_dir):
+    run = tmp_path / "sft"
+    write_adapter(run / ADAPTER_DIR, str(tiny_model_dir))
+    assert resolve_model(str(run)) == run  # no config.json, yet a model: the adapter on its base
+    assert adapter_folder(run) == run / ADAPTER_DIR
+    assert adapter_base(run / ADAPTER_DIR) == tiny_model_dir
+    (run / "config.json").write_text("{}")  # a merged model beside it wins
+    assert adapter_folder(run) is None
+
+
+def test_an_adapter_whose_base_cannot_be_found_is_one_line(tmp_path):
+    bare = tmp_path / "bare"
+    write_adapter(bare, "モデル/どこにもない")
+    with pytest.raises(UserError, match=r"adapter_config.json: base_model_name_or_path: --model モデル/どこにもない: not a local"):
+        adapter_base(bare)
+    nameless = tmp_path / "nameless"
+    write_adapter(nameless, None)
+    with pytest.raises(UserError, match="base_model_name_or_path: missing"):
+        adapter_base(nameless)
+    with pytest.raises(UserError, match="folder has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_a_bare_adapter_takes_its_base_tokenizer(tmp_path, tiny_model_dir):
+    from pipeline.models import load_tokenizer
+
+    bare = tmp_path / "bare"
+    write_adapter(bare, str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(bare))
+    assert tokenizer("日本語").input_ids == load_tokenizer(str(tiny_model_dir))("日本語").input_ids
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipeline.models import resolve_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_offline_a_hub_id_not_in_the_cache_is_one_line_naming_the_setting_and_the_cache(tmp_path):
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"instruction": "富士山の高さは？", "input": "", "output": "3776 m"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    cache = tmp_path / "hub-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--model", "Qwen/Qwen2.5-0.5B-Instruct",
+                             "--data", str(data), "--out", str(tmp_path / "eval.json"), "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --model Qwen/Qwen2.5-0.5B-Instruct: the Hugging Face hub is switched off (HF_HUB_OFFLINE=1)")
+    assert f"not in the cache {cache};" in last
+
+
+def hub_cache_with(tmp_path, model_dir, repo_id: str) -> Path:
+    """A Hugging Face cache holding `model_dir` as `repo_id`, laid out as the hub client writes it."""
+    owner, name = repo_id.split("/")
+    cache = tmp_path / "hub-cache"
+    commit = "0" * 40
+    repo = cache / f"models--{owner}--{name}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    return cache
+
+
+def test_offline_a_cached_hub_id_loads_from_the_cache(tmp_path, tiny_model_dir):
+    cache = hub_cache_with(tmp_path, tiny_model_dir, "acme/tiny-llama")
+    code = ("from pipeline.models import load_model, resolve_model; import sys; "
+            "print(resolve_model('acme/tiny-llama')); print(load_model('acme/tiny-llama', device='cpu').config.num_hidden_layers)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    folder, layers = result.stdout.strip().splitlines()[-2:]
+    assert Path(folder) == cache / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    assert layers == "2"
+
+
+def test_a_local_folder_named_like_a_hub_id_is_the_local_folder(tmp_path, tiny_model_dir, monkeypatch):
+    local = tmp_path / "acme" / "tiny"
+    shutil.copytree(tiny_model_dir, local)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("acme/tiny") == Path("acme/tiny")
+
+
+@pytest.mark.parametrize("name", ["./runs/missing", "/no/such/model/folder", "名前/モデル/版"])
+def test_a_missing_path_that_is_no_hub_id_says_what_model_takes(name):
+    with pytest.raises(UserError, match="not a local model folder nor a hub id"):
+        resolve_model(name)
