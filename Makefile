@@ -50,12 +50,12 @@ BACKEND_FLAGS = --backend $(BACKEND) --model $(MODEL) --api $(API) --concurrency
 
 SETUP_STAMP := .venv/.setup-stamp
 
-.PHONY: setup generate filter respond judge finetune dpo eval inspect label demo test bench clean help FORCE
+.PHONY: setup generate filter respond judge finetune prefs dpo eval eval-dpo inspect label demo test bench clean help FORCE
 
 help:
 	@echo "make demo   run the whole pipeline, small, on the embedded model"
 	@echo "make test   run the test suite"
-	@echo "stages:     make generate | filter | respond | judge | finetune | eval | inspect   (see README.md)"
+	@echo "stages:     make generate | filter | respond | judge | finetune | eval | inspect | prefs | label | dpo | eval-dpo   (see README.md)"
 
 # A user with their own environment sets PY=python and setup does nothing.
 ifeq ($(PY),.venv/bin/python)
@@ -110,6 +110,29 @@ data/judged.jsonl: data/alpaca_data.jsonl FORCE | setup
 data/train.jsonl: $(JUDGED) $(SEEDS) | setup
 	$(PY) -m pipeline mix --in $(JUDGED) $(SEEDS) --out $@ --seed $(SEED) --threshold $(THRESHOLD)
 
+# Preference pairs: NUM_SAMPLES answers per instruction from the SFT run (the policy), the best and the
+# worst by the judge: by default the model that wrote the data (BACKEND, MODEL, BASE_URL) judges the
+# student; JUDGE_BACKEND / JUDGE_MODEL / JUDGE_BASE_URL name another. LABELS=data/preferences.labels.jsonl
+# applies a person's choices (`make label`). It resumes, so it always runs; after a new SFT run,
+# delete $(PREFS) to sample afresh.
+NUM_SAMPLES ?= 4
+JUDGE_BACKEND ?= $(BACKEND)
+JUDGE_MODEL ?= $(MODEL)
+JUDGE_BASE_URL ?= $(BASE_URL)
+LABELS ?=
+# PREFS_LIMIT: pairs for the first N instructions only (empty: all); PREFS_MAX_TOKENS: the longest answer
+# sampled (one cut there never enters a pair); CONFIRM=--no-confirm lets the pointwise scores alone decide,
+# for a judge too small to compare two answers (the embedded model answers "A" whatever it is shown).
+PREFS_LIMIT ?=
+PREFS_MAX_TOKENS ?= 256
+CONFIRM ?= --confirm
+$(PREFS): data/alpaca_data.jsonl $(RUN)/model.safetensors FORCE | setup
+	$(PY) -m pipeline prefs --in data/alpaca_data.jsonl --out $@ --backend local --model $(RUN) \
+		--num-samples $(NUM_SAMPLES) --format $(FORMAT) --seeds $(SEEDS) --seed $(SEED) --api $(API) \
+		--max-tokens $(PREFS_MAX_TOKENS) $(CONFIRM) $(if $(PREFS_LIMIT),--limit $(PREFS_LIMIT)) \
+		--judge-backend $(JUDGE_BACKEND) --judge-model $(JUDGE_MODEL) $(if $(JUDGE_BASE_URL),--judge-base-url $(JUDGE_BASE_URL)) \
+		--concurrency $(CONCURRENCY) $(if $(LABELS),--labels $(LABELS))
+
 # Preference tuning of the SFT run on the pairs (DPO; DPO_LOSS=simpo is reference-free). A run cut short
 # resumes; one older than the pairs or the SFT model starts afresh.
 DPO_RUN ?= runs/dpo
@@ -122,6 +145,13 @@ $(DPO_RUN)/model.safetensors: $(PREFS) $(RUN)/model.safetensors | setup
 		--epochs $(DPO_EPOCHS) --lr $(DPO_LR) --batch-size $(DPO_BATCH_SIZE) --max-length $(MAX_LENGTH) \
 		--seed $(SEED) $(call resume_or_overwrite,$(DPO_RUN),$(PREFS) $(RUN)/model.safetensors)
 
+# The DPO model against the SFT model it started from, on the same unseen tasks, with the judge's
+# pairwise verdicts in both orders (win rate, ties, flips).
+$(DPO_RUN)/eval.json: $(DPO_RUN)/model.safetensors | setup
+	$(PY) -m pipeline eval --model $(DPO_RUN) --baseline $(RUN) --data $(EVAL_DATA) --seeds $(SEEDS) \
+		--limit $(EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@ \
+		--judge-backend $(JUDGE_BACKEND) --judge-model $(JUDGE_MODEL) $(if $(JUDGE_BASE_URL),--judge-base-url $(JUDGE_BASE_URL))
+
 $(RUN)/eval.json: $(RUN)/model.safetensors | setup
 	$(PY) -m pipeline eval --model $(RUN) --baseline $(SFT_MODEL) --data $(EVAL_DATA) --seeds $(SEEDS) \
 		--limit $(EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@
@@ -131,15 +161,17 @@ filter: data/filtered_instructions.jsonl
 respond: data/alpaca_data.jsonl
 judge: data/judged.jsonl
 finetune: $(RUN)/model.safetensors
+prefs: $(PREFS)
 dpo: $(DPO_RUN)/model.safetensors
 eval: $(RUN)/eval.json
+eval-dpo: $(DPO_RUN)/eval.json
 
 inspect: | setup
 	$(PY) -m pipeline inspect $(FILE) --html $(REPORT) $(if $(wildcard $(RUN)/metrics.jsonl),--run $(RUN))
 
 # Interactive: a person picks the better answer of each pair (keys 1, 2, t, s, q); the choices are
 # appended to data/preferences.labels.jsonl as they are made, and a rerun continues where it stopped.
-label: | setup
+label: $(PREFS) | setup
 	$(PY) -m pipeline label $(PREFS) --seed $(SEED)
 
 # `make demo`: every stage, small, on the embedded model. A size given on the command line
@@ -148,22 +180,29 @@ demo_size = $(if $(filter command line,$(origin $(1))),$($(1)),$(2))
 DEMO_VARS = N=$(call demo_size,N,40) EPOCHS=$(call demo_size,EPOCHS,1) LR=$(call demo_size,LR,1e-4) \
 	DATA=$(call demo_size,DATA,data/train.jsonl) EVAL_LIMIT=$(call demo_size,EVAL_LIMIT,40) \
 	EVAL_DATA=$(call demo_size,EVAL_DATA,heldout) \
-	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/judged.jsonl)
+	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/judged.jsonl) \
+	PREFS_LIMIT=$(call demo_size,PREFS_LIMIT,24) PREFS_MAX_TOKENS=$(call demo_size,PREFS_MAX_TOKENS,128) \
+	CONFIRM=$(call demo_size,CONFIRM,--no-confirm) DPO_LR=$(call demo_size,DPO_LR,5e-6)
 DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejected.jsonl \
 	data/filtered_instructions.jsonl data/filtered_instructions.rejected.jsonl data/filter_report.json \
 	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/judged.jsonl data/judged.rejected.jsonl \
 	data/train.jsonl $(REPORT) \
 	$(RUN)/model.safetensors $(RUN)/metrics.jsonl $(RUN)/loss.png $(RUN)/val.jsonl \
-	$(RUN)/eval.json $(RUN)/eval.md $(RUN)/eval_predictions.jsonl
+	$(RUN)/eval.json $(RUN)/eval.md $(RUN)/eval_predictions.jsonl $(RUN)/README.md \
+	$(PREFS) data/preferences.rejected.jsonl $(DPO_RUN)/model.safetensors $(DPO_RUN)/metrics.jsonl \
+	$(DPO_RUN)/loss.png $(DPO_RUN)/eval.json $(DPO_RUN)/eval.md
 
 demo: | setup
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory $(DEMO_VARS) eval inspect && \
+	$(MAKE) --no-print-directory $(DEMO_VARS) eval inspect prefs && \
+	if [ -s $(PREFS) ]; then $(MAKE) --no-print-directory $(DEMO_VARS) eval-dpo; \
+	else echo "== no preference pair survived the judge: DPO skipped (see data/preferences.rejected.jsonl)"; fi && \
 	echo && echo "== make demo: done in $$(( $$(date +%s) - start )) s. Artifacts:" && \
 	for f in $(DEMO_ARTIFACTS); do \
 		if [ -f $$f ]; then printf '  %-48s %8s  %s\n' $$f "$$(du -h $$f | cut -f1)" \
 			"$$(case $$f in *.jsonl) echo "$$(wc -l < $$f) records";; esac)"; fi; \
-	done && echo && cat $(RUN)/eval.md
+	done && echo && cat $(RUN)/eval.md && \
+	if [ -f $(DPO_RUN)/eval.md ]; then echo && echo "== DPO against SFT" && cat $(DPO_RUN)/eval.md; fi
 
 test: | setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

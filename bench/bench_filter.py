@@ -12,7 +12,11 @@
    are asserted identical. Two ratios, because the work differs slightly: the decisions (with
    the exact highest score of every rejected candidate, which they need anyway), and the
    decisions plus the exact highest score of every kept candidate too (what the reference
-   also has; our report's `max_rouge_l`, an unpruned pass, timed separately).
+   also has; our report's `filter_max_rouge_l`), asserted bit for bit equal to rouge_score's
+   under its tokenizer. Ours runs `--repeats` times just before and just after the reference
+   and its median counts, so on a shared machine both sides see about the same load; the
+   threads used and the load average before and after are printed, and the last line is
+   `decisions and exact scores vs rouge_score: N.Nx`.
 2. Ours alone on synthetic sets of each `--sizes`. Only ~4,800 real instructions exist here,
    so a million must be made from them; recombining them as they are would repeat each
    half-sentence ~200 times, which no real corpus does and which makes inverted-index
@@ -171,9 +175,9 @@ def synthetic(real: list[str], size: int, rng: random.Random,
     return texts, planted, source_of
 
 
-def run_ours(seeds: list[SeedTask], texts: list[str], exact_scores_limit: int = 0):
+def run_ours(seeds: list[SeedTask], texts: list[str], exact_scores_limit: int = 0, tokenizer: str = "multilingual"):
     records = [{"id": f"m{i}", "instruction": t} for i, t in enumerate(texts)]
-    cfg = Config(threshold=THRESHOLD, tokenizer="multilingual", heuristics=False, exact_scores_limit=exact_scores_limit)
+    cfg = Config(threshold=THRESHOLD, tokenizer=tokenizer, heuristics=False, exact_scores_limit=exact_scores_limit)
     started = time.perf_counter()
     kept, rejected, report = filter_instructions(records, seeds, cfg, progress=len(texts) > 10_000)
     return time.perf_counter() - started, kept, rejected, report
@@ -212,9 +216,15 @@ def compare_with_reference(real: list[str], seeds: list[SeedTask], size: int, re
     kept_ids = {r["id"] for r in kept}
     got = [f"m{i}" in kept_ids for i in range(len(candidates))]
     assert got == expected, "decisions differ from the rouge_score reference"
-    # The kept ones' exact scores are rouge_score's, bit for bit.
-    assert [r["filter_max_rouge_l"] for r in kept] == [s for s, k in zip(expected_scores, expected) if k], \
-        "exact scores differ from rouge_score"
+    # The kept ones' exact scores are rouge_score's, bit for bit, under rouge_score's own
+    # tokenizer (one untimed run); the default `multilingual` one keeps letters like "é" inside
+    # words, so a few non-ASCII texts score differently there (counted below), by design.
+    reference_kept = [score for score, keep in zip(expected_scores, expected) if keep]
+    _, kept_rouge, _, report_rouge = run_ours(seeds, candidates, len(seeds) + len(candidates), tokenizer="rouge")
+    assert report_rouge["max_rouge_l_exact"] == "all"
+    assert [r["id"] for r in kept_rouge] == [r["id"] for r in kept], "decisions differ under the rouge tokenizer"
+    assert [r["filter_max_rouge_l"] for r in kept_rouge] == reference_kept, "exact scores differ from rouge_score"
+    differ = sum(r["filter_max_rouge_l"] != score for r, score in zip(kept, reference_kept))
     pairs = report["pairs"]
     print(f"reference (rouge_score, sequential): {len(candidates):,} instructions in {reference_s:.1f} s "
           f"({sum(expected):,} kept)")
@@ -222,8 +232,9 @@ def compare_with_reference(real: list[str], seeds: list[SeedTask], size: int, re
           f"{reference_s / decisions_s:,.0f}x; identical decisions; pairs {pairs['possible']:,} possible, "
           f"{pairs['compared']:,} scored")
     print(f"ours, + exact highest score of every kept one: {ours_s:.4f} s (median of {len(runs)}) -> "
-          f"{reference_s / ours_s:,.0f}x; scores identical to rouge_score's "
-          f"(the score pass: {report['seconds']['exact_scores']:.4f} s in the last run)", flush=True)
+          f"{reference_s / ours_s:,.0f}x (the score pass: {report['seconds']['exact_scores']:.4f} s in the last "
+          f"run); exact scores identical to rouge_score's under its tokenizer; under multilingual, "
+          f"{differ} of {len(kept):,} differ (non-ASCII text)", flush=True)
     return reference_s / ours_s
 
 

@@ -80,6 +80,10 @@ class Response:
     rejected: bool = False  # the server refused this request (400/422): asking again cannot help
     retries: int = 0  # how many times this request was retried before this answer
     top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per choice: first token's {token: logprob}
+    # How the local backend ran the model, for provenance ("torch-2.13 continuous-batching", "bf16");
+    # empty for a server, which does not say.
+    engine: str = ""
+    precision: str = ""
 
 
 @dataclass
@@ -138,9 +142,6 @@ MAX_RETRY_DELAY = 8.0
 COMPLETIONS_MAX_LOGPROBS = 5
 # Error text from a server is cut here so one failure stays one line.
 MAX_ERROR_CHARS = 300
-# The local backend sorts this many batches' worth of pulled requests by length, so padding
-# stays small without pulling far ahead of a stage that builds prompts from its current state.
-SORT_WINDOW_BATCHES = 4
 # Loggers that see requests to the server; the key is scrubbed from anything they log.
 HTTP_LOGGER_PREFIXES = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
 # The header in which the SDK numbers each try of a request (0 = the first); read back from
@@ -165,7 +166,7 @@ class BackendOptions:
     concurrency: int = option(16, "requests in flight (openai); with --batch-api, requests per submitted batch", min=1)
     timeout: float = option(60.0, "seconds per request before it is retried (openai)", above=0)
     max_retries: int = option(5, "retries of a failed request before it is given up (openai)", min=0)
-    batch_size: int = option(16, "prompts per generate() call (local)", min=1)
+    batch_size: int = option(16, "sequences generated together (local; continuous batching)", min=1)
     device: str = option("auto", "auto, cpu, cuda, mps (local)")
     seed: int | None = option(42, "sampling seed")
     cache: bool = option(True, "replay answers already in --cache-dir instead of asking again")
@@ -212,6 +213,8 @@ def make_client(options: BackendOptions) -> LLMClient:
         return BatchClient(options, state_path_for(getattr(options, "out", None)))
     if options.backend == "openai":
         return OpenAIClient(options)
+    from pipeline.local_backend import LocalClient  # imports torch: only when the local backend is used
+
     return LocalClient(options)
 
 
@@ -552,175 +555,3 @@ class _CheckedRaw:
                 or not parsed.choices:
             raise _Malformed("no choices in the response body")
         return parsed
-
-
-# ---------------------------------------------------------------- local
-
-
-class LocalClient:
-    """`transformers` in-process: batched generation with left padding, requests sorted by length.
-
-    Requests are pulled `batch_size * SORT_WINDOW_BATCHES` at a time, grouped by sampling
-    parameters (one `generate` call takes one set), sorted by prompt length and generated in
-    batches. With a seed, batch i is sampled after `torch.manual_seed(seed + i)`, so the same
-    requests in the same order give the same texts.
-    """
-
-    backend = "local"
-
-    def __init__(self, options: BackendOptions):
-        from pipeline.models import load_model, load_tokenizer
-
-        self.options = options
-        self.model = options.model
-        self.api = options.api
-        self.totals = Totals()
-        self.tokenizer = load_tokenizer(options.model, padding_side="left")
-        self.lm = load_model(options.model, device=options.device)
-        eos = self.lm.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        # generate() right-pads rows that ended early with the pad token, so it marks an end too.
-        self._eos |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        self._batches_done = 0
-
-    def stream(self, requests: Iterable[Request]) -> Iterator[Response]:
-        source = iter(requests)
-        window_size = self.options.batch_size * SORT_WINDOW_BATCHES
-        while True:
-            window = [r for _, r in zip(range(window_size), source)]
-            if not window:
-                return
-            for batch in self._batches(window):
-                for response in self._generate(batch):
-                    self.totals.add(response)
-                    yield response
-
-    def close(self) -> None:
-        self.lm = None
-
-    def _render(self, request: Request) -> tuple[str, bool]:
-        """The text to generate from, and whether it already holds the special tokens."""
-        if request.messages and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-            return text, True
-        if request.prompt is not None:
-            return request.prompt, False
-        return "\n\n".join(str(m["content"]) for m in chat_messages(request)), False
-
-    def _batches(self, window: list[Request]) -> list[list[tuple[Request, str, bool]]]:
-        groups: dict[tuple, list] = {}
-        for request in window:
-            text, templated = self._render(request)
-            key = (request.temperature, request.top_p, request.max_tokens, request.stop, request.n, templated,
-                   request.top_logprobs > 0)
-            groups.setdefault(key, []).append((request, text, templated))
-        batches = []
-        size = self.options.batch_size
-        for items in groups.values():
-            items.sort(key=lambda item: len(item[1]))
-            batches += [items[i:i + size] for i in range(0, len(items), size)]
-        return batches
-
-    def _generate(self, batch: list[tuple[Request, str, bool]]) -> list[Response]:
-        import torch
-
-        first = batch[0][0]
-        templated = batch[0][2]
-        encoded = self.tokenizer([text for _, text, _ in batch], return_tensors="pt", padding=True,
-                                 add_special_tokens=not templated).to(self.lm.device)
-        if first.top_logprobs:
-            return self._next_token(batch, encoded)
-        kwargs: dict[str, Any] = {"max_new_tokens": first.max_tokens, "num_return_sequences": first.n,
-                                  "pad_token_id": self.tokenizer.pad_token_id}
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        prompt_len = encoded["input_ids"].shape[1]
-        if first.stop:
-            kwargs["stopping_criteria"] = _stop_in_completion(self.tokenizer, first.stop, prompt_len)
-        seed = first.seed if first.seed is not None else self.options.seed
-        if seed is not None:
-            torch.manual_seed(seed + self._batches_done)
-        self._batches_done += 1
-        with torch.inference_mode():
-            output = self.lm.generate(**encoded, **kwargs)
-        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
-        responses = []
-        for i, (request, _, _) in enumerate(batch):
-            texts, reasons, used = [], [], 0
-            for row in output[i * request.n:(i + 1) * request.n, prompt_len:].tolist():
-                text, reason, count = self._finish(row, request)
-                texts.append(text)
-                reasons.append(reason)
-                used += count
-            responses.append(Response(request=request, texts=texts, finish_reasons=reasons,
-                                      prompt_tokens=int(prompt_tokens[i]), completion_tokens=used,
-                                      request_id=f"local-{request.key}", model=self.model, backend=self.backend))
-        return responses
-
-    def _next_token(self, batch: list[tuple[Request, str, bool]], encoded) -> list[Response]:
-        """One forward pass instead of a generation: the first answer token's log-probabilities.
-
-        Each row's top `top_logprobs` tokens plus its `logprob_tokens`; the text is the most
-        likely of them, as a one-token greedy answer would be. Left padding puts every row's
-        next token at the last position.
-        """
-        import numpy as np
-        import torch
-
-        with torch.inference_mode():
-            # Only the last position's logits: the full [batch, length, vocab] tensor of an
-            # 800-token Japanese judge prompt would be over a gigabyte per batch of 8.
-            logits = self.lm(**encoded, logits_to_keep=1).logits[:, -1, :].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
-        responses = []
-        for i, (request, _, _) in enumerate(batch):
-            top = torch.topk(logprobs[i], request.top_logprobs)
-            ids = dict(zip(top.indices.tolist(), top.values.tolist()))
-            for token in request.logprob_tokens:
-                token_ids = self.tokenizer.encode(token, add_special_tokens=False)
-                if token_ids:  # a multi-token string is scored by its first token
-                    ids.setdefault(token_ids[0], logprobs[i, token_ids[0]].item())
-            alternatives: dict[str, float] = {}
-            for token_id, logprob in ids.items():  # two ids can decode to one string: add their probabilities
-                text = self.tokenizer.decode([token_id])
-                alternatives[text] = float(np.logaddexp(alternatives[text], logprob)) if text in alternatives else logprob
-            best = max(alternatives, key=alternatives.get)
-            responses.append(Response(request=request, texts=[best], finish_reasons=["length"],
-                                      prompt_tokens=int(prompt_tokens[i]), completion_tokens=1,
-                                      request_id=f"local-{request.key}", model=self.model, backend=self.backend,
-                                      top_logprobs=[alternatives]))
-        return responses
-
-    def _finish(self, tokens: list[int], request: Request) -> tuple[str, str, int]:
-        """Text, finish_reason and token count of one generated row (right-padded after it ended)."""
-        end = next((i for i, t in enumerate(tokens) if t in self._eos), None)
-        kept = tokens if end is None else tokens[:end]
-        count = len(tokens) if end is None else end + 1
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        cuts = [text.find(s) for s in request.stop or () if s and s in text]
-        if cuts:
-            return text[:min(cuts)], "stop", count
-        if end is None and count >= request.max_tokens:
-            return text, "length", count
-        return text, "stop", count
-
-
-def _stop_in_completion(tokenizer, stops: tuple[str, ...], prompt_len: int):
-    """Stops a row once its completion (not its prompt) contains a stop string.
-
-    transformers' own `stop_strings` also matches text that spans the end of the prompt (a
-    chat prompt ends in a newline, so "\n\n" would stop after one generated newline), which is
-    not what the OpenAI API means by `stop`.
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopInCompletion(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
-
-    return StoppingCriteriaList([StopInCompletion()])

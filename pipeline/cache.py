@@ -39,7 +39,7 @@ TMP_SUFFIX = ".tmp"  # what `jsonl.atomic_write` names its temporary files
 MAX_PENDING_HITS = 64
 # Response fields stored; `request` is the caller's and `cached` describes this run.
 STORED_FIELDS = ("texts", "finish_reasons", "prompt_tokens", "completion_tokens", "request_id", "model", "backend",
-                 "top_logprobs")
+                 "top_logprobs", "engine", "precision")
 LATER_REQUEST_FIELDS = ("top_logprobs", "logprob_tokens", "response_format")
 
 

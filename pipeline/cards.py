@@ -169,11 +169,12 @@ def write_model_card(output_dir, *, stage: str, model: str, data_files: list[str
 
     output_dir = Path(output_dir)
     base_model, license_name = base_model_info(model)
-    data = ModelCardData(base_model=base_model, library_name="transformers", license=license_name,
-                         datasets=[Path(f).name for f in data_files], language=sorted(summarize(records)["languages"]),
-                         tags=["self-instruct", stage, "generated-data", *tags], pipeline_tag="text-generation")
     summary = summarize(records)
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
+    data = ModelCardData(base_model=base_model, library_name="transformers", license=license_name,
+                         datasets=[Path(f).name for f in data_files], language=sorted(summary["languages"]),
+                         tags=["self-instruct", stage, "generated-data", *tags], pipeline_tag="text-generation")
+    # A `|` inside a cell would end it: escaped, as the Markdown table syntax allows.
+    params = "\n".join(f"| `{k}` | `{str(v).replace('|', chr(92) + '|')}` |" for k, v in hyperparameters.items())
     body = "\n".join([
         GENERATED_MARK, "", f"# {output_dir.name}", "",
         f"`{base_model}` tuned by the `{stage}` stage of self-instruct-pipeline on instruction data the pipeline "
@@ -297,12 +298,14 @@ def rejects_by_reason(rejected_file, stage: str) -> dict[str, int]:
 def write_dataset_card(output, *, stage: str, records: list[dict] | None, inputs: dict[str, str], settings: dict | None = None,
                        rejects: dict | None = None) -> Path | None:
     """`<stem>.card.md` beside `output`, the folder's `configs`, and the folder's README.md when it is ours.
-    Nothing for a device output (`--out /dev/null`)."""
+    Nothing for a device output (`--out /dev/null`) or one without records."""
     output = Path(output)
     if is_special(output) or not output.is_file():
         return None
     if records is None:  # an appended output: the whole file, earlier runs' records too
         records = [r for _, r in read_records(output)]
+    if not records:
+        return None  # a run that wrote nothing (its empty file is removed): nothing to describe or load
     card_path = path_beside(output, "card.md")
     section = dataset_card_section(output, stage=stage, records=records, inputs=inputs, settings=settings or {},
                                    rejects=rejects)

@@ -2,7 +2,9 @@
 
 Each stage module defines `Config` (a frozen dataclass whose fields are the flags) and
 `run(cfg)`. This file only parses flags, calls `run`, and turns a UserError into one line on
-stderr with exit code 2. Stage modules import heavy libraries (torch, transformers) inside the
+stderr with exit code 2. Every stage also takes `--config FILE.yaml` (its options as a YAML
+mapping; defaults < file < flags, checked as flags are: `config.load_config_file`) and
+`--print-config` (the resolved options as that YAML, then exit). Stage modules import heavy libraries (torch, transformers) inside the
 functions that need them, so `--help` and the filter start in a fraction of a second.
 """
 
@@ -30,6 +32,7 @@ STAGES = {
     "convert": ("pipeline.convert", "turn task datasets and dialogue logs into instruction data"),
     "mix": ("pipeline.mix", "combine instruction files with weights, deduplicated across sources"),
     "judge": ("pipeline.judge", "score every record 1-5 with an LLM judge; --min-score keeps low scores out"),
+    "prefs": ("pipeline.prefs", "preference pairs: K policy answers, the judge's best as chosen, worst as rejected"),
     "label": ("pipeline.label", "a person picks the better answer of each preference pair (keys 1, 2, t, s, q)"),
     "dpo": ("pipeline.dpo", "preference tuning (DPO, or reference-free SimPO) on chosen / rejected pairs"),
 }
@@ -95,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """The flags, over the --config file's values, over the defaults."""
-    args = parser.parse_args(argv)
+def resolve(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    """The flags, over the --config file's values, over the defaults: the file's values become the
+    stage parser's defaults and the flags are parsed again on top of them."""
     if args._config_file:
         values = load_config_file(args._config_file, args._module.Config, args._stage)
         args._parser.set_defaults(**values)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     message = code = None
     try:
         with _StopSignals():
-            args = resolve(parser, argv)
+            args = resolve(parser, argv, args)
             cfg = from_args(module.Config, args)
             if args._print_config:
                 print(config_yaml(cfg, args._stage), end="")

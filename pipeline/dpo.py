@@ -23,9 +23,10 @@ How it is computed:
   `--resume` reads them back instead of needing the original model again.
 - The chosen and rejected answers of a micro-batch go through the model in one forward. Only
   response positions reach the LM head (a 49k-token vocabulary over every prompt position is
-  a large share of a small model's compute), and with `--packing` (the default) the answers are
-  packed into rows of `--max-length` tokens, each attending only to itself (per-sequence
-  `position_ids`, checked at start as in `finetune`), so no compute goes to padding.
+  a large share of a small model's compute), and with `--packing` (the default) short answers
+  share a row as wide as the micro-batch's longest one, each attending only to itself
+  (per-sequence `position_ids`, checked at start as in `finetune`), so little compute goes to
+  padding and none to wider attention.
 - The rest is `finetune`'s loop (`pipeline.training`): accelerate (DDP/FSDP), LoRA and
   `--merge`, bf16 autocast where supported, checkpoints, `--resume` / `--overwrite`, the saved
   model with the serving chat template.
@@ -47,6 +48,7 @@ from types import SimpleNamespace
 from typing import Literal
 
 from pipeline.batching import collate, encode_all, pack_rows, packing_honoured, plan_batches
+from pipeline.cards import CARD_FILE, write_model_card
 from pipeline.config import option, to_dict, validate
 from pipeline.errors import UserError
 from pipeline.jsonl import (AppendLog, check_output_folder, check_outputs_apart, claim_outputs, locked_outputs,
@@ -59,12 +61,12 @@ from pipeline.templates import IGNORE_INDEX, TEMPLATES, EncodedExample
 from pipeline.training import (Trainer, check_resume_state, check_weights_finite, claim_checkpoints, clear_run,
                                file_digest, is_first_process, load_checkpoint_state, load_training_model,
                                load_training_tokenizer, make_accelerator, make_trainer, remove_partial_checkpoints,
-                               save_checkpoint, save_model, train_step)
+                               save_checkpoint, save_model, train_step, TRACKER_DIR, log_to_trackers, start_trackers)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 REFERENCE_FILE = "reference_logps.json"
-RUN_FILES = (METRICS_FILE, TRAIN_CONFIG, "config.json", LOSS_PLOT, REFERENCE_FILE)
+RUN_FILES = (METRICS_FILE, TRAIN_CONFIG, "config.json", LOSS_PLOT, REFERENCE_FILE, CARD_FILE, TRACKER_DIR)
 # What `--overwrite` removes besides the checkpoints (as in finetune: outputs a new run might not rewrite).
 EARLIER_RUN_FILES = RUN_FILES + (ADAPTER_DIR, "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
                                  "adapter_model.safetensors")
@@ -97,7 +99,8 @@ class Config:
     batch_size: int = option(8, "pairs per device per micro-batch (both answers of each go through one forward)", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     max_length: int = option(512, "tokens per prompt + answer (longer ones are cut at the end) and per packed row", min=1)
-    packing: bool = option(True, "pack a micro-batch's answers into rows of --max-length, each isolated (no padding)")
+    packing: bool = option(True, "pack a micro-batch's short answers together into rows as wide as its longest, "
+                                 "each isolated (less padding)")
     lora: int = option(0, "LoRA rank: train low-rank adapters only (0: full tuning)", min=0)
     merge: bool = option(False, "with --lora: also save the adapter merged into the model")
     save_every: int = option(200, "checkpoint every this many steps (0: none)", min=0)
@@ -107,6 +110,8 @@ class Config:
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast or fp32; auto: bf16 on a GPU that has it")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     device: str = option("auto", "cuda, cpu, mps or auto (under torchrun/accelerate the launcher decides)")
+    report_to: Literal["none", "tensorboard", "wandb"] = option("none", "also log the metrics to this tracker (accelerate's); "
+                                                                f"tensorboard's events go to <output-dir>/{TRACKER_DIR}/")
 
     def __post_init__(self):
         validate(self)
@@ -246,7 +251,9 @@ class PairBatches:
 
         sequences = [2 * i + CHOSEN for i in pair_ids] + [2 * i + REJECTED for i in pair_ids]
         lengths = [len(self.examples[s].input_ids) for s in sequences]
-        slots = pack_rows(lengths, self.cfg.max_length) if self.cfg.packing else [[k] for k in range(len(sequences))]
+        # Rows as wide as the longest answer: packing then only ever removes padding, never adds
+        # attention width (rows of --max-length would cost more per token than short padded rows).
+        slots = pack_rows(lengths, max(lengths)) if self.cfg.packing else [[k] for k in range(len(sequences))]
         batch = collate([[sequences[k] for k in row] for row in slots], self.examples, self.pad_id, self.block_mask)
         index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
         for r, row in enumerate(slots):
@@ -410,7 +417,7 @@ def prepare(cfg: Config, pairs: list[dict], output_dir: Path, resume_from: Path 
     settings = resume_settings(cfg)
     if resume_from is not None:
         check_resume_state(resume_from, settings)  # before the model loads: a mismatch fails fast
-    accelerator, precision = make_accelerator(cfg.device, cfg.precision)
+    accelerator, precision = make_accelerator(cfg.device, cfg.precision, cfg.report_to, output_dir / TRACKER_DIR)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         if cfg.overwrite:
@@ -418,6 +425,7 @@ def prepare(cfg: Config, pairs: list[dict], output_dir: Path, resume_from: Path 
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
     accelerator.wait_for_everyone()
+    start_trackers(accelerator, "dpo", to_dict(cfg))
     tokenizer = load_training_tokenizer(cfg)
     data = prepare_data(cfg, pairs, tokenizer)
     model = load_training_model(cfg, resume_from).to(accelerator.device)
@@ -449,6 +457,7 @@ def start_outputs(s: Session, start_step: int) -> list[dict]:
     if not s.trainer.main:
         return []
     from pipeline.models import portable_name, resolve_model
+    from pipeline.provenance import provenance
 
     metrics_path = s.output_dir / METRICS_FILE
     old = [r for _, r in read_records(metrics_path)] if s.resume_from is not None and metrics_path.exists() else []
@@ -460,7 +469,7 @@ def start_outputs(s: Session, start_step: int) -> list[dict]:
         "base_model_path": str(resolve_model(s.cfg.model)), "device": str(accelerator.device),
         "precision": s.trainer.precision, "processes": s.trainer.world, "distributed": accelerator.distributed_type.name,
         "steps_per_epoch": s.batches.steps_per_epoch, "total_steps": s.total_steps, "pairs": len(s.data.pairs),
-        "train_pairs": len(s.data.kept)})
+        "train_pairs": len(s.data.kept), "provenance": provenance()})
     return history
 
 
@@ -494,6 +503,7 @@ def train(s: Session, start_step: int, trained_total: int, history: list[dict]) 
             trained_total += last["trained_tokens"]
             if log is not None:
                 log.write(last)
+                log_to_trackers(trainer.accelerator, last, step + 1)
                 history.append(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['reward_accuracy']:.2f}")
                 bar.update(1)
@@ -534,6 +544,8 @@ def run(cfg: Config, *, client=None) -> Stats:
         from pipeline.plots import plot_preference
 
         plot_preference(history, output_dir / LOSS_PLOT)
+        write_model_card(output_dir, stage="dpo", model=cfg.model, data_files=[cfg.data], records=pairs,
+                         hyperparameters=to_dict(cfg), tags=[cfg.loss, *(["lora"] if cfg.lora else [])])
         print_summary(stats, history)
     s.trainer.accelerator.wait_for_everyone()
     s.trainer.accelerator.end_training()
@@ -559,7 +571,7 @@ def preflight(s: Session) -> str:
         f"  loss: {cfg.loss}, beta {cfg.reward_beta}" + (f", gamma {cfg.simpo_gamma}" if cfg.loss == "simpo" else "")
         + f"; template {cfg.template}; reference log-probs: {reference}",
         f"  batch: {cfg.batch_size} pairs x {cfg.grad_accum} accumulation x {s.trainer.world} process(es), "
-        + ("answers packed in rows of --max-length" if cfg.packing else "padded"),
+        + ("answers packed in rows as wide as the longest" if cfg.packing else "padded"),
         f"  steps per epoch: {s.batches.steps_per_epoch:,}; total steps: {s.total_steps:,}",
     ])
 

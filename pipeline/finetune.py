@@ -62,6 +62,7 @@ from pipeline.errors import UserError
 from pipeline.jsonl import (AppendLog, check_output_folder, check_outputs_apart, claim_outputs, locked_outputs, read_records,
                             write_json_atomic, write_jsonl_atomic)
 from pipeline.models import ADAPTER_DIR
+from pipeline.packed_attention import use_packed_attention
 from pipeline.plots import plot_loss
 from pipeline.records import TRAIN_CONFIG, training_record_validator
 from pipeline.task_split import split_by_task
@@ -347,6 +348,8 @@ def prepare(cfg: Config, records: list[dict], output_dir: Path, resume_from: Pat
     tokenizer = load_training_tokenizer(cfg)
     data = prepare_data(cfg, records, tokenizer)
     model = load_training_model(cfg, resume_from).to(accelerator.device)
+    if cfg.packing and accelerator.device.type == "cpu":
+        use_packed_attention(model)  # one SDPA call per record, no row-wide mask: pipeline.packed_attention
     block_mask = bool(cfg.packing) and not packing_honoured(model, accelerator.device)
     batches = SftBatches(cfg, data.train_examples, data.val_examples, tokenizer.pad_token_id, block_mask,
                          accelerator.num_processes, accelerator.process_index)
@@ -381,13 +384,15 @@ def start_outputs(s: Session, start_step: int) -> list[dict]:
     write_jsonl_atomic(s.output_dir / VAL_FILE, s.data.val_records)
     accelerator = s.trainer.accelerator
     from pipeline.models import portable_name, resolve_model
+    from pipeline.provenance import provenance
 
     write_json_atomic(s.output_dir / TRAIN_CONFIG, {
         "stage": "finetune", "config": to_dict(s.cfg), "base_model": portable_name(s.cfg.model),
         "base_model_path": str(resolve_model(s.cfg.model)), "device": str(accelerator.device),
         "precision": s.trainer.precision, "processes": s.trainer.world, "distributed": accelerator.distributed_type.name,
         "packing_mode": s.packing_mode if s.cfg.packing else None, "steps_per_epoch": s.batches.steps_per_epoch,
-        "total_steps": s.total_steps, "train_records": len(s.data.train_records), "val_records": len(s.data.val_records)})
+        "total_steps": s.total_steps, "train_records": len(s.data.train_records), "val_records": len(s.data.val_records),
+        "provenance": provenance()})
     return history
 
 

@@ -395,6 +395,7 @@ class Generator:
             "prompt_seed_ids": list(info.seed_ids),
             "prompt_machine_ids": list(info.machine_ids),
             "backend": response.backend, "model": response.model,
+            "engine": response.engine, "precision": response.precision,
             "request_index": info.index, "request_id": response.request_id,
             "finish_reason": context["finish_reason"], "cached": response.cached,
             "usage": {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens},

@@ -188,6 +188,7 @@ def judge_object(judgement: judging.Judgement, entry: Entry) -> dict:
     last = judgement.responses[-1]
     rubric = judgement.rubric
     out = {"score": judgement.score, "reason": judgement.reason, "model": last.model, "backend": last.backend,
+           "engine": last.engine, "precision": last.precision,
            "rubric": rubric.name if rubric else "", "rubric_sha256": rubric.sha256 if rubric else "",
            "scoring": judgement.scoring, "parsed_as": judgement.parsed_as, "language": entry.item.lang}
     if judgement.distribution is not None:

@@ -29,6 +29,7 @@ a generation (`_next_token`). Every answer names its engine and precision (`Resp
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -53,7 +54,7 @@ ENGINE = f"torch-{'.'.join(torch.__version__.split('+')[0].split('.')[:2])} cont
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: Request
     index: int  # place in the stream: seeds its sampling
@@ -64,7 +65,7 @@ class _Job:
     pending: int = 0  # choices not done yet
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """One sequence being generated: one choice of one request."""
 
@@ -108,3 +109,312 @@ class _GrowingLayer(DynamicLayer):
         self.keys_room[:, :, max(0, shift):self.length] = keys[:, :, start:]
         self.values_room[:, :, max(0, shift):self.length] = values[:, :, start:]
         self._views()
+
+
+class DecodeBatch:
+    """The rows being generated and their shared, left-padded KV cache.
+
+    `rows[i]` is the sequence in slot i (None once it is done and until a joiner takes the slot);
+    `mask[i]` marks slot i's real cache positions.
+    """
+
+    def __init__(self, lm, pad_id: int):
+        self.lm, self.pad_id = lm, pad_id
+        self.rows: list[_Row | None] = []
+        self.layers: list[_GrowingLayer] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+
+    @property
+    def live(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def join(self, rows: list[_Row]) -> torch.Tensor:
+        """Prefill `rows` (left-padded together) into free slots; their first tokens' logits."""
+        width = max(len(row.job.prompt) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            ids[j, width - len(row.job.prompt):] = torch.tensor(row.job.prompt)
+            mask[j, width - len(row.job.prompt):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.lm(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
+                      position_ids=positions.to(self.lm.device), use_cache=True, logits_to_keep=1)
+        # Padding positions hold whatever the model computed for a token that sees nothing;
+        # zeros keep them harmless in every later step (they are masked, but NaN * 0 is NaN).
+        pad = (mask == 0).to(self.lm.device)[:, None, :, None]
+        new = [(layer.keys.masked_fill(pad, 0), layer.values.masked_fill(pad, 0)) for layer in out.cache.layers]
+        self._place(rows, new, mask)
+        return out.logits[:, -1, :]
+
+    def _place(self, rows: list[_Row], new: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        width = mask.shape[1]
+        if not self.layers:
+            self.layers = [_GrowingLayer(keys, values, width) for keys, values in new]
+            for layer in self.layers:
+                layer.resize(width + CACHE_GROWTH, 0)
+            self.rows, self.mask = list(rows), mask
+            return
+        length = self.layers[0].length
+        if width > length:  # the joiner is longer than the cache: pad every row on the left
+            for layer in self.layers:
+                layer.resize(width + CACHE_GROWTH, width - length)
+            self.mask = torch.cat([self.mask.new_zeros((len(self.rows), width - length)), self.mask], dim=1)
+            length = width
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        if len(free) < len(rows):
+            self._add_slots(len(rows) - len(free))
+            free = [i for i, row in enumerate(self.rows) if row is None]
+        slots = torch.tensor(free[:len(rows)])
+        for layer, (keys, values) in zip(self.layers, new):
+            layer.keys_room[slots, :, :length - width] = 0
+            layer.values_room[slots, :, :length - width] = 0
+            layer.keys_room[slots, :, length - width:length] = keys
+            layer.values_room[slots, :, length - width:length] = values
+            layer._views()
+        self.mask[slots] = torch.cat([mask.new_zeros((len(rows), length - width)), mask], dim=1)
+        for slot, row in zip(slots.tolist(), rows):
+            self.rows[slot] = row
+
+    def _add_slots(self, count: int) -> None:
+        for layer in self.layers:
+            extra = (count,) + tuple(layer.keys_room.shape[1:])
+            layer.keys_room = torch.cat([layer.keys_room, layer.keys_room.new_zeros(extra)])
+            layer.values_room = torch.cat([layer.values_room, layer.values_room.new_zeros(extra)])
+            layer._views()
+        self.mask = torch.cat([self.mask, self.mask.new_zeros((count, self.mask.shape[1]))])
+        self.rows += [None] * count
+
+    def compact(self) -> None:
+        """Drop the empty slots, and the leading columns that are padding in every row once they are many."""
+        keep = [i for i, row in enumerate(self.rows) if row is not None]
+        if not keep:
+            self.rows, self.layers, self.mask = [], [], self.mask[:0, :0]
+            return
+        real = self.mask[keep].sum(dim=0).nonzero()
+        cut = int(real[0]) if len(real) else 0
+        if len(keep) == len(self.rows) and cut < TRIM_COLUMNS:
+            return
+        index = torch.tensor(keep)
+        for layer in self.layers:
+            layer.resize(layer.length - cut + CACHE_GROWTH, -cut, rows=index)
+        self.mask = self.mask[index, cut:]
+        self.rows = [self.rows[i] for i in keep]
+
+    def step(self) -> torch.Tensor:
+        """One decode step: feeds each row its last token; the next tokens' logits [rows, vocab]."""
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows])
+        positions = self.mask.sum(dim=1, keepdim=True)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        device = self.lm.device
+        out = self.lm(input_ids=ids.to(device), attention_mask=self.mask.to(device), position_ids=positions.to(device),
+                      cache=Cache(layers=self.layers), use_cache=True)
+        return out.logits[:, -1, :]
+
+
+class LocalClient:
+    """`transformers` models in-process, generated with `DecodeBatch` (see the module docstring)."""
+
+    backend = "local"
+
+    def __init__(self, options: BackendOptions, dtype: str = "auto"):
+        from pipeline.models import load_model, load_tokenizer, local_dtype, use_free_cores
+
+        self.options = options
+        self.model = options.model
+        self.api = options.api
+        self.totals = Totals()
+        self.threads = use_free_cores()
+        self.tokenizer = load_tokenizer(options.model, padding_side="left")
+        self.lm = load_model(options.model, device=options.device, dtype=local_dtype(options.device, dtype))
+        self.precision = PRECISIONS.get(self.lm.dtype, str(self.lm.dtype))
+        self.engine = ENGINE
+        eos = self.lm.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # The pad token ends a row too, as it did when rows were right-padded by generate().
+        self._eos |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        self._pulled = 0
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[Response]:
+        source = iter(requests)
+        waiting: deque[_Row] = deque()
+        scored: list[tuple[Request, str, bool]] = []
+        batch = DecodeBatch(self.lm, self.tokenizer.pad_token_id)
+        exhausted = False
+        while True:
+            if not exhausted and len(waiting) < self.options.batch_size:
+                exhausted = self._pull(source, waiting, scored)
+            size = self.options.batch_size
+            while scored and (len(scored) >= size or exhausted):
+                yield from self._count(self._next_token(scored[:size]))
+                del scored[:size]
+            if not waiting and not batch.live:
+                if exhausted:
+                    return
+                continue
+            with torch.inference_mode():
+                responses = self._fill(batch, waiting)
+                if batch.live:
+                    batch.compact()  # slots still free: nothing is waiting for them
+                    responses += self._advance(batch, batch.rows, batch.step())
+            yield from self._count(responses)
+
+    def close(self) -> None:
+        self.lm = None
+
+    def _count(self, responses: list[Response]) -> Iterator[Response]:
+        for response in responses:
+            self.totals.add(response)
+            yield response
+
+    def _pull(self, source: Iterator[Request], waiting: deque, scored: list) -> bool:
+        """Pull the next window of requests: rows to generate (sorted by prompt length) or to
+        score; True once the source is exhausted."""
+        window = self.options.batch_size * SORT_WINDOW_BATCHES
+        pulled = list(itertools.islice(source, window))
+        rows = []
+        for request in pulled:
+            text, templated = self._render(request)
+            self._pulled += 1
+            if request.top_logprobs:
+                scored.append((request, text, templated))
+                continue
+            prompt = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+            job = _Job(request, self._pulled, prompt, texts=[""] * request.n, reasons=[""] * request.n,
+                       pending=request.n)
+            rows += [_Row(job, choice, self._generator(request, job.index, choice)) for choice in range(request.n)]
+        rows.sort(key=lambda row: len(row.job.prompt))
+        waiting.extend(rows)
+        return len(pulled) < window
+
+    def _generator(self, request: Request, index: int, choice: int) -> torch.Generator | None:
+        if request.temperature <= 0:
+            return None
+        seed = request.seed if request.seed is not None else self.options.seed
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            digest = hashlib.sha256(f"{seed}:{index}:{choice}".encode()).digest()
+            generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        return generator
+
+    def _fill(self, batch: DecodeBatch, waiting: deque[_Row]) -> list[Response]:
+        """Prefill waiting rows into the free slots until the batch is full or nothing waits."""
+        responses = []
+        while waiting and batch.live < self.options.batch_size:
+            joiners = [waiting.popleft() for _ in range(min(self.options.batch_size - batch.live, len(waiting)))]
+            responses += self._advance(batch, joiners, batch.join(joiners))
+        return responses
+
+    def _advance(self, batch: DecodeBatch, rows: list[_Row], logits: torch.Tensor) -> list[Response]:
+        """Give each of `rows` (all in `batch`) its next token; a row that ends leaves its slot.
+        Returns the answers of the requests now complete."""
+        responses = []
+        for row, token in zip(list(rows), self._choose(rows, logits)):
+            row.tokens.append(token)
+            done = self._done(row)
+            if done is None:
+                continue
+            batch.rows[batch.rows.index(row)] = None
+            job = row.job
+            job.texts[row.choice], job.reasons[row.choice] = done[0], done[1]
+            job.used += done[2]
+            job.pending -= 1
+            if not job.pending:
+                responses.append(Response(request=job.request, texts=job.texts, finish_reasons=job.reasons,
+                                          prompt_tokens=len(job.prompt), completion_tokens=job.used,
+                                          request_id=f"local-{job.request.key}", model=self.model,
+                                          backend=self.backend, engine=self.engine, precision=self.precision))
+        return responses
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token: the most likely one (greedy), or drawn from its own generator."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                tokens[i] = _sample(logits[i], row.job.request, row.generator)
+        return tokens
+
+    def _done(self, row: _Row) -> tuple[str, str, int] | None:
+        """Text, finish_reason and token count once the row has ended; None while it goes on."""
+        request = row.job.request
+        token = row.tokens[-1]
+        if token in self._eos:
+            return self._finish(row.tokens[:-1], request, "stop", len(row.tokens))
+        if request.stop or len(row.tokens) >= request.max_tokens:
+            # A stop string counts only in the completion, never across the end of the prompt
+            # (a chat prompt ends in a newline), as the OpenAI API means `stop`.
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if any(s and s in text for s in request.stop or ()):
+                return self._finish(row.tokens, request, "stop", len(row.tokens))
+            if len(row.tokens) >= request.max_tokens:
+                return self._finish(row.tokens, request, "length", len(row.tokens))
+        return None
+
+    def _finish(self, kept: list[int], request: Request, reason: str, count: int) -> tuple[str, str, int]:
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        cuts = [text.find(s) for s in request.stop or () if s and s in text]
+        return (text[:min(cuts)], "stop", count) if cuts else (text, reason, count)
+
+    def _render(self, request: Request) -> tuple[str, bool]:
+        """The text to generate from, and whether it already holds the special tokens."""
+        if request.messages and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+            return text, True
+        if request.prompt is not None:
+            return request.prompt, False
+        return "\n\n".join(str(m["content"]) for m in chat_messages(request)), False
+
+    def _next_token(self, batch: list[tuple[Request, str, bool]]) -> list[Response]:
+        """One forward pass instead of a generation: the first answer token's log-probabilities.
+
+        Each row's top `top_logprobs` tokens plus its `logprob_tokens`; the text is the most
+        likely of them, as a one-token greedy answer would be. Left padding puts every row's
+        next token at the last position. Rows whose prompts differ in `templated` are encoded
+        apart, since one takes the special tokens and the other not.
+        """
+        responses = []
+        for templated in (True, False):
+            part = [item for item in batch if item[2] == templated]
+            if part:
+                encoded = self.tokenizer([text for _, text, _ in part], return_tensors="pt", padding=True,
+                                         add_special_tokens=not templated).to(self.lm.device)
+                responses += self._score(part, encoded)
+        return responses
+
+    def _score(self, batch: list[tuple[Request, str, bool]], encoded) -> list[Response]:
+        with torch.inference_mode():
+            # Only the last position's logits: the full [batch, length, vocab] tensor of an
+            # 800-token Japanese judge prompt would be over a gigabyte per batch of 8.
+            logits = self.lm(**encoded, logits_to_keep=1).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+        responses = []
+        for i, (request, _, _) in enumerate(batch):
+            top = torch.topk(logprobs[i], request.top_logprobs)
+            ids = dict(zip(top.indices.tolist(), top.values.tolist()))
+            for token in request.logprob_tokens:
+                token_ids = self.tokenizer.encode(token, add_special_tokens=False)
+                if token_ids:  # a multi-token string is scored by its first token
+                    ids.setdefault(token_ids[0], logprobs[i, token_ids[0]].item())
+            alternatives: dict[str, float] = {}
+            for token_id, logprob in ids.items():  # two ids can decode to one string: add their probabilities
+                text = self.tokenizer.decode([token_id])
+                alternatives[text] = float(np.logaddexp(alternatives[text], logprob)) if text in alternatives else logprob
+            best = max(alternatives, key=alternatives.get)
+            responses.append(Response(request=request, texts=[best], finish_reasons=["length"],
+                                      prompt_tokens=int(prompt_tokens[i]), completion_tokens=1,
+                                      request_id=f"local-{request.key}", model=self.model, backend=self.backend,
+                                      top_logprobs=[alternatives], engine=self.engine, precision=self.precision))
+        return responses
+
+
+def _sample(logits: torch.Tensor, request: Request, generator: torch.Generator) -> int:
+    """A token drawn at `request.temperature` from the smallest set of tokens holding `top_p` of the probability."""
+    probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep a token while the probability before it is under top_p (the first is always kept).
+        keep = (sorted_probs.cumsum(dim=0) - sorted_probs) < request.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -164,6 +164,9 @@ def output_lock(output, flag: str = "--out") -> Iterator[None]:
 
 
 def _take_lock(path: Path, output, flag: str):
+    # An output folder's lock sits beside the folder (`runs/sft.lock`), and on a fresh clone the
+    # folder above it (`runs/`) does not exist yet: the stage's checks have already said it may be made.
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(path, "a+", encoding="utf-8")
         try:

@@ -25,11 +25,12 @@ counts it as wrong, so its first logged accuracy is 0.0; ours is 0.5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from pipeline.templates import IGNORE_INDEX
+
+if TYPE_CHECKING:  # torch is imported where the losses run: the CLI (which reads dpo's config) starts without it
+    import torch
 
 # DPO's beta: how far the policy may move from the reference (a KL penalty's inverse strength).
 # 0.1 is the value of the DPO paper's experiments and TRL's default.
@@ -59,6 +60,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, average: bool 
     tokens (a sequence with none gets 0, not NaN). Computed in float32 whatever the logits'
     dtype: a bf16 sum over hundreds of tokens loses the differences DPO is made of.
     """
+    from torch.nn import functional as F
+
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on batch and length")
     # Position t's logits predict token t+1.
@@ -77,6 +80,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
              beta: float = DPO_BETA) -> PreferenceLoss:
     """The sigmoid DPO loss from summed response log-probabilities, each `[pairs]`."""
+    from torch.nn import functional as F
+
     chosen_logratios = policy_chosen - reference_chosen.to(policy_chosen)
     rejected_logratios = policy_rejected - reference_rejected.to(policy_rejected)
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
@@ -86,6 +91,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 def simpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor,
                beta: float = SIMPO_BETA, gamma: float = SIMPO_GAMMA) -> PreferenceLoss:
     """SimPO from *average* response log-probabilities (`sequence_logps(..., average=True)`), each `[pairs]`."""
+    from torch.nn import functional as F
+
     chosen_rewards = beta * policy_chosen_avg
     rejected_rewards = beta * policy_rejected_avg
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)

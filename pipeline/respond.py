@@ -239,6 +239,8 @@ def provenance(task: Task, k: int, responses: list[Response], finish_reason: str
         "classification_source": task.source,
         "backend": last.backend,
         "model": last.model,
+        "engine": last.engine,
+        "precision": last.precision,
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": sum(r.prompt_tokens for r in responses),
                   "completion_tokens": sum(r.completion_tokens for r in responses)},

@@ -19,7 +19,8 @@ was kept, query a batch), by `mix` (dedup across sources) and by `eval` (the tok
   for bit: a tie exactly at the threshold is decided the same way as the reference.
 - `RougeIndex`: a pool of token sequences with an inverted index. Each token becomes one
   integer id, stored as one character of a Python string, so rapidfuzz's C++ LCS
-  (`process.cpdist` with `Indel.distance`, all cores) compares whole blocks of pairs in one call.
+  (`process.cpdist` with `Indel.distance`; all cores for big blocks) compares whole blocks of
+  pairs in one call.
 
 Pruning never changes a decision. A pair (a, b) of lengths m, n can only score above t if
 2*min(m,n)/(m+n) > t (length bound) and they share at least min_overlap(m+n) =
@@ -33,13 +34,31 @@ unseen at the last count sort first). Then, per block of candidates, all in nump
    is enough against any partner; against a partner at least as long, the short prefix
    m - min_overlap(2m) + 1 is. Both are indexed, as postings sorted by (element, length), and a
    block probes the longer member's long prefix against the shorter one's short prefix, each
-   length window being one searchsorted range (length filter).
-2. Positional filter (PPJoin): the shared prefix elements of a pair are all its shared elements
+   length window being one searchsorted range (length filter). Against a partner of length n
+   only the first m - min_overlap(m+n) + 1 elements of either side are needed, so a query's
+   element at position i searches only partners with min_overlap(m+n) <= m - i (a narrower
+   window), and an item's stored element at position j is dropped from a match unless
+   j <= n - min_overlap(m+n). Per pair the matches are then all shared elements of two
+   prefixes (one per side), which is what step 3 relies on.
+2. Bitmap bound, per match: per sequence, which of 64 hash buckets hold at least one token
+   and at least two (two uint64 words, stored beside each posting so a match reads them in
+   order). popcount(ones & ones') + popcount(twos & twos') plus the query's tokens beyond two
+   per bucket bounds the bag overlap from above. It depends on the pair alone, so a pair
+   loses all its matches or none; it removes ~99% of matches before they are grouped.
+3. Positional filter (PPJoin): the shared prefix elements of a pair are all its shared elements
    up to the last of them, which sits at i and j, so overlap <= their count + min(m-1-i, n-1-j).
-3. Bag bound: per sequence, token counts in 32 hash buckets; the sum of bucket-wise minima
-   bounds the overlap from above. It removes most surviving pairs for a few bytes each.
-4. The rest get the exact LCS in one rapidfuzz call per block; then the block settles in order
+   Matches are grouped into pairs by one sort, item first, so what follows reads the pool's
+   arrays in order.
+4. Bag bound: per sequence, token counts in 32 hash buckets; the sum of bucket-wise minima
+   bounds the overlap from above (coarser buckets than step 2's, but full counts where step 2
+   keeps two levels: on the synthetic million it still removes a quarter of what is left).
+5. The rest get the exact LCS in one rapidfuzz call per block; then the block settles in order
    (an earlier item of the block counts only once it is kept), as the sequential greedy does.
+
+`exact_best_earlier` (the exact highest score of every kept record, for the filter's report)
+is not pruned: a kept record's best is usually near 0.4, where the bounds above keep most
+pairs and cost more per pair than rapidfuzz's `cdist` (SIMD LCS, ~10 ns a pair) costs to score
+them all; it ranks pairs by cdist's float32 normalized similarity (exact: see the method).
 
 The work grows with the pairs that share a rare-enough token, not with the pool squared; on
 text whose every word is common it still grows about quadratically (see bench/bench_filter.py).

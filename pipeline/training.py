@@ -72,8 +72,28 @@ def make_accelerator(device: str, precision: str, report_to: str = "none", loggi
             raise UserError(f"--report-to {report_to}: {TRACKER_PACKAGES[report_to]} is not installed "
                             f"(pip install {TRACKER_PACKAGES[report_to]}); --report-to tensorboard works offline") from None
     log_with = None if report_to == "none" else report_to
-    return Accelerator(cpu=(device == "cpu"), mixed_precision="no", log_with=log_with,
-                       project_dir=str(logging_dir) if logging_dir is not None else None), resolved
+    accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision="no", log_with=log_with,
+                              project_dir=str(logging_dir) if logging_dir is not None else None)
+    check_fsdp_applied(accelerator)
+    return accelerator, resolved
+
+
+def check_fsdp_applied(accelerator) -> None:
+    """Refuse a launch that asked for FSDP (`accelerate launch --config_file configs/fsdp.yaml`) but got none.
+
+    accelerate turns the FSDP config into FSDP only on GPU-like devices: on CPU it runs the very
+    same launch as DDP (distributed type MULTI_CPU) without a word, so a user would believe the
+    model was sharded. torch's own FSDP2 runs on CPU with gloo; accelerate does not route to it.
+    """
+    import os
+
+    if os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() == "true" and accelerator.distributed_type.name != "FSDP":
+        raise UserError(f"FSDP (configs/fsdp.yaml): accelerate applies it only on GPUs; on {accelerator.device.type} "
+                        f"this launch would silently run as {accelerator.distributed_type.name} instead; "
+                        f"launch on GPUs, or drop --config_file for DDP")
+
+
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"  # what `accelerate launch` sets from a config's distributed_type: FSDP
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")  # --report-to's choices: accelerate's tracker names, or none

@@ -1,4 +1,4 @@
-"""The openai backend against a real HTTP server on 127.0.0.1, and the local backend on real models."""
+"""The openai backend against a real HTTP server on 127.0.0.1 (the local backend: tests/test_local_backend.py)."""
 
 from __future__ import annotations
 
@@ -380,67 +380,3 @@ def test_requests_are_pulled_only_when_a_slot_is_free_and_breaking_cancels(fake_
     stream.close()
     client.close()
     assert len(pulled) == 4 and fake_openai.requests <= 4
-
-
-# ---------------------------------------------------------------- local
-
-
-def local_client(model, **overrides):
-    return make_client(BackendOptions(backend="local", model=str(model), device="cpu", **overrides))
-
-
-def chat(key, text, **params):
-    return Request(key, messages=({"role": "user", "content": text},), **params)
-
-
-def test_local_generates_with_a_tiny_model(tiny_model_dir):
-    client = local_client(tiny_model_dir, batch_size=4)
-    responses = ask(client, chat("a", "Say hi.", max_tokens=5, n=2), Request("b", prompt="Once upon", max_tokens=5))
-    by_key = {r.request.key: r for r in responses}
-    assert len(by_key["a"].texts) == 2 and len(by_key["b"].texts) == 1
-    for response in responses:
-        assert response.backend == "local" and response.prompt_tokens > 0 and response.error is None
-        assert set(response.finish_reasons) <= {"stop", "length"}
-        assert 0 < response.completion_tokens <= 5 * len(response.texts)
-    assert client.totals.requests == 2
-    assert client.totals.completion_tokens == sum(r.completion_tokens for r in responses)
-
-
-def test_local_seed_makes_sampling_repeatable(tiny_model_dir):
-    requests = [chat(str(i), f"Tell me about {i}.", temperature=1.0, max_tokens=6) for i in range(3)]
-    first = {r.request.key: r.texts for r in ask(local_client(tiny_model_dir, seed=3), *requests)}
-    again = {r.request.key: r.texts for r in ask(local_client(tiny_model_dir, seed=3), *requests)}
-    other = {r.request.key: r.texts for r in ask(local_client(tiny_model_dir, seed=4), *requests)}
-    assert first == again and first != other
-
-
-def test_local_left_padding_matches_unbatched_greedy(tiny_model_dir):
-    prompts = ["Hi.", "Write a long story about a cat who lives in a lighthouse by the sea.", "Two plus two?"]
-    requests = [chat(str(i), p, temperature=0, max_tokens=6) for i, p in enumerate(prompts)]
-    batched = {r.request.key: r.texts for r in ask(local_client(tiny_model_dir, batch_size=3), *requests)}
-    alone = {r.request.key: r.texts for r in ask(local_client(tiny_model_dir, batch_size=1), *requests)}
-    assert batched == alone
-
-
-def test_local_stop_strings_cut_the_text(tiny_model_dir):
-    client = local_client(tiny_model_dir)
-    [free] = ask(client, chat("a", "Hello there", temperature=0, max_tokens=12))
-    text = free.texts[0]
-    assert free.finish_reasons == ["length"] and len(text) > 4
-    stop = text[len(text) // 2:len(text) // 2 + 2]
-    [stopped] = ask(client, chat("a", "Hello there", temperature=0, max_tokens=12, stop=(stop,)))
-    assert stopped.texts == [text[:text.find(stop)]] and stopped.finish_reasons == ["stop"]
-
-
-def test_local_model_that_is_not_a_folder_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="--model"):
-        local_client(tmp_path / "missing")
-
-
-@pytest.mark.slow
-def test_local_answers_with_the_embedded_model():
-    client = local_client("SmolLM2-135M-Instruct")
-    [response] = ask(client, chat("a", "What is the capital of France?", temperature=0, max_tokens=12))
-    assert response.error is None and response.model == "SmolLM2-135M-Instruct"
-    assert "Paris" in response.texts[0]
-    assert response.prompt_tokens > 5 and 0 < response.completion_tokens <= 12

@@ -57,6 +57,9 @@ def test_finetune_writes_a_model_card_and_eval_fills_its_evaluation(tiny_model_d
     assert "| self-instruct | 2 |" in card.text and "| dolly | 2 |" in card.text
     assert "| `max_steps` | `2` |" in card.text
     assert cards.LIMITS in card.text and cards.NO_EVAL in card.text
+    saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))["provenance"]
+    assert saved["libraries"]["transformers"] and "git_commit" in saved
+    assert f"git commit: {saved['git_commit'] or 'unknown (no git)'}" in card.text
 
     evaluated = tmp_path / "eval.json"
     ev.run(ev.Config(model=str(out), data=str(data), out=str(evaluated), max_new_tokens=2, device="cpu"))
@@ -160,3 +163,13 @@ def test_mix_cards_in_a_folder_of_its_own_make_one_dataset_card(tmp_path):
 ])
 def test_record_language(record, expected):
     assert cards.record_language(record) == expected
+
+
+def test_no_card_for_a_device_output_or_an_empty_one(tmp_path):
+    import os
+
+    assert cards.write_dataset_card(Path(os.devnull), stage="respond", records=None, inputs={}) is None
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert cards.write_dataset_card(empty, stage="respond", records=None, inputs={}) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]

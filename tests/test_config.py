@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import cli
 from pipeline.config import bounds_text, option, validate
 from pipeline.errors import UserError
+from pipeline.provenance import redact_command
 
 
 @dataclass(frozen=True)
@@ -111,16 +118,6 @@ def test_help_states_each_bound(capsys):
 
 
 # ----------------------------------------------------------------------------- --config FILE.yaml, --print-config
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-from pipeline.provenance import redact_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [

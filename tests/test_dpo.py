@@ -136,19 +136,22 @@ def test_per_answer_log_probs_equal_the_full_model_ones(tiny_model_dir, packing)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [encode_example(r, tokenizer, "alpaca", 512) for p in pairs() for r in training_records(p)]
+    # A long answer makes room for short ones to share its row width.
+    long = make_pair("long", "日本について説明してください。", "", "日本は島国です。" * 20, "知りません。")
+    examples = [encode_example(r, tokenizer, "alpaca", 512) for p in [*pairs(), long] for r in training_records(p)]
     cfg = Config(data="x", model=str(tiny_model_dir), packing=packing, max_length=512)
     batches = PairBatches(cfg, examples, tokenizer.pad_token_id, False, 1, 0)
-    batch = batches.collate([0, 1, 4])
+    batch = batches.collate([0, 1, 6])
     with torch.no_grad():
         sums = make_preference_module(model, "dpo", 0.1)(**{k: v for k, v in batch.items() if hasattr(v, "to")},
                                                          logps_only=True)
         expected = []
-        for index in (0, 2, 8, 1, 3, 9):  # chosen of pairs 0, 1, 4, then their rejected
+        for index in (0, 2, 12, 1, 3, 13):  # chosen of pairs 0, 1, 6, then their rejected
             ids = torch.tensor([examples[index].input_ids])
             expected.append(sequence_logps(model(ids).logits, torch.tensor([examples[index].labels])).item())
     assert (batch["input_ids"].shape[0] < 6) == packing  # packing really put several answers in a row
-    assert sums.tolist() == pytest.approx(expected, abs=1e-4)
+    assert batch["input_ids"].shape[1] == max(len(examples[i].input_ids) for i in (0, 2, 12, 1, 3, 13))
+    assert sums.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-4)  # float32 sums of up to ~3000
 
 
 def test_a_bad_pairs_file_is_one_line_and_exit_2(tmp_path, tiny_model_dir):

@@ -430,3 +430,11 @@ def test_two_names_for_one_file_share_one_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_folder_under_a_folder_not_yet_made_can_be_locked(tmp_path):
+    # `finetune --output-dir runs/sft` on a fresh clone: the lock `runs/sft.lock` needs `runs/` first.
+    run_dir = tmp_path / "runs" / "sft"
+    with output_lock(run_dir, "--output-dir"):
+        assert lock_path_for(run_dir).is_file() and lock_path_for(run_dir).parent == tmp_path / "runs"
+    assert not lock_path_for(run_dir).exists(), "released and removed"

@@ -1,8 +1,13 @@
-"""Finding models: local folders, the embedded name, and LoRA run folders that hold only an adapter."""
+"""Finding models: local folders, the embedded name, LoRA run folders that hold only an adapter, and hub ids."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,14 +61,6 @@ def test_a_bare_adapter_takes_its_base_tokenizer(tmp_path, tiny_model_dir):
 
 
 # ----------------------------------------------------------------------------- hub ids
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from pipeline.models import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

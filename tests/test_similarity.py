@@ -131,6 +131,21 @@ def test_max_rouge_l_of_texts_equals_rouge_score_and_the_pairwise_rule():
     assert similarity.max_rouge_l(japanese, []) == [0.0, 0.0] and similarity.max_rouge_l([], seeds) == []
 
 
+def test_exact_best_earlier_equals_rouge_score_bit_for_bit_on_real_instructions():
+    # The filter's exact score of a kept record: rouge_score's highest fmeasure against every
+    # earlier pool member, the very float (the pass ranks by a float32 matrix, then re-scores).
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    texts = real_instructions(100)
+    index = RougeIndex(0.7, "rouge")
+    for i, text in enumerate(texts):
+        index.add(f"t{i}", text)
+    got = index.exact_best_earlier(list(range(len(texts))), chunk=32)
+    for p, (score, best_id) in enumerate(got):
+        scores = [scorer.score(texts[j], texts[p])["rougeL"].fmeasure for j in range(p)]
+        assert score == max(scores, default=0.0), p
+        assert best_id == (f"t{scores.index(score)}" if score > 0 else None), p
+
+
 def test_ties_at_the_threshold_fall_as_in_rouge_score():
     # LCS 7 of lengths 8 and 12: 2*7/20 is 0.7 exactly on paper; only the float formula decides.
     a = "a b c d e f g h".split()
@@ -513,6 +528,17 @@ def test_index_is_exact_on_japanese_tokens():
         got = index.add_unless_similar(items)
         expected = naive_greedy([], items, threshold, "multilingual")
         assert [(k, s if not k else None, i if not k else None) for k, s, i in got] == expected
+
+
+def test_exact_best_earlier_is_exact_on_japanese_tokens():
+    texts = [t for r in ja_pairs()[:30] for t in (r["a"], r["b"])]
+    index = RougeIndex(0.7, "multilingual")
+    for i, text in enumerate(texts):
+        index.add(f"m{i}", text)
+    got = index.exact_best_earlier(list(range(len(texts))), chunk=16)
+    assert got == [brute_best([(f"m{j}", texts[j]) for j in range(p)], texts[p], "multilingual")
+                   for p in range(len(texts))]
+    assert any(score > 0.7 for score, _ in got)  # the pairs' near-duplicates are found, exactly
 
 
 def test_rouge_tokenizer_warns_with_counts_when_japanese_gives_no_tokens(capsys):

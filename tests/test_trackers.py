@@ -24,22 +24,14 @@ RECORDS = [
 
 
 def test_tensorboard_events_hold_the_logged_losses(tiny_model_dir, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     out = tmp_path / "run"
     finetune.run(finetune.Config(data=str(data), output_dir=str(out), model=str(tiny_model_dir), max_steps=3,
                                  batch_size=2, val_fraction=0.0, eval_every=0, save_every=0, device="cpu", lr=1e-3,
                                  report_to="tensorboard"))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    runs = list((out / TRACKER_DIR).rglob("events.out.tfevents.*"))
-    assert runs, f"no event file under {out / TRACKER_DIR}"
-    scalars: dict[str, list] = {}
-    for event_file in runs:
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    assert list((out / TRACKER_DIR / "finetune").glob("events.out.tfevents.*")), "no event file"
+    scalars = read_scalars(out / TRACKER_DIR)
     assert [e.step for e in scalars["loss"]] == [1, 2, 3]
     assert [e.value for e in scalars["loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
     assert [e.value for e in scalars["lr"]] == pytest.approx([h["lr"] for h in history], rel=1e-6)
@@ -75,3 +67,38 @@ def test_report_to_takes_only_known_trackers():
     result = subprocess.run([sys.executable, "-m", "pipeline", "finetune", "--report-to", "mlflow"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice: 'mlflow'" in result.stderr
+
+
+def read_scalars(folder: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list] = {}
+    for event_file in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    return scalars
+
+
+def test_dpo_reports_to_tensorboard_and_writes_a_model_card(tiny_model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from pipeline import dpo
+    from pipeline.preferences import make_pair
+
+    pairs = [make_pair("p0", "日本の首都はどこですか。", "", "東京です。", "大阪です。"),
+             make_pair("p1", "Name a colour.", "", "Blue.", "I cannot."),
+             make_pair("p2", "Add the numbers.", "2 and 3", "5", "23")]
+    data = write_jsonl(tmp_path / "preferences.jsonl", pairs)
+    out = tmp_path / "dpo"
+    dpo.run(dpo.Config(data=str(data), output_dir=str(out), model=str(tiny_model_dir), batch_size=3, max_steps=2,
+                       save_every=0, device="cpu", precision="fp32", lr=1e-3, report_to="tensorboard"))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    scalars = read_scalars(out / TRACKER_DIR)
+    assert [e.step for e in scalars["loss"]] == [1, 2]
+    assert [e.value for e in scalars["loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(tiny_model_dir) and card.data.library_name == "transformers"
+    assert "dpo" in card.data.tags and sorted(card.data.language) == ["en", "ja"]
+    assert "| preference pair | 3 |" in card.text
