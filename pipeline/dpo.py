@@ -51,17 +51,16 @@ from pipeline.batching import collate, encode_all, pack_rows, packing_honoured, 
 from pipeline.cards import CARD_FILE, write_model_card
 from pipeline.config import option, to_dict, validate
 from pipeline.errors import UserError
-from pipeline.jsonl import (AppendLog, check_output_folder, check_outputs_apart, claim_outputs, locked_outputs,
-                            read_records, write_json_atomic, write_jsonl_atomic)
+from pipeline.jsonl import (AppendLog, locked_outputs, read_records, write_json_atomic)
 from pipeline.models import ADAPTER_DIR
 from pipeline.preference_loss import DPO_BETA, SIMPO_BETA, SIMPO_GAMMA, dpo_loss, simpo_loss
 from pipeline.preferences import load_pairs, pair_format, training_records
 from pipeline.records import CHAT_TEMPLATE, TRAIN_CONFIG, train_settings
 from pipeline.templates import IGNORE_INDEX, TEMPLATES, EncodedExample
-from pipeline.training import (Trainer, check_resume_state, check_weights_finite, claim_checkpoints, clear_run,
-                               file_digest, is_first_process, load_checkpoint_state, load_training_model,
-                               load_training_tokenizer, make_accelerator, make_trainer, remove_partial_checkpoints,
-                               save_checkpoint, save_model, train_step, TRACKER_DIR, log_to_trackers, start_trackers)
+from pipeline.training import (AUTO_TEMPLATE, resumed_history, claim_run_dir, RunOptions, Trainer, check_run_flags, checkpoint_if_due,
+                               open_run, restore_run, check_resume_state, file_digest, load_training_model,
+                               load_training_tokenizer, make_trainer, save_model, train_step, TRACKER_DIR,
+                               log_to_trackers)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -73,14 +72,14 @@ EARLIER_RUN_FILES = RUN_FILES + (ADAPTER_DIR, "model.safetensors", "model.safete
 # Anything that changes the data order, the batch contents, the loss or the trained parameters.
 RESUME_MUST_MATCH = ("data", "model", "template", "loss", "beta", "simpo_gamma", "max_length", "batch_size",
                      "grad_accum", "packing", "lora", "seed", "epochs", "max_steps", "precision")
-AUTO_TEMPLATE = "auto"
+
 LOSSES = {"dpo": DPO_BETA, "simpo": SIMPO_BETA}  # each loss and its default beta
 CHOSEN, REJECTED = 0, 1  # columns of the reference log-probabilities
 MIN_ELAPSED_S = 1e-9  # a step's duration floor, against division by 0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(RunOptions):
     data: str = option("data/preferences.jsonl", "preference pairs (prompt / chosen / rejected JSONL, as `prefs` writes)")
     output_dir: str = option("runs/dpo", "where the model, metrics and plots go")
     model: str = option("runs/sft", "the model to improve, and the reference DPO keeps it near: usually the SFT run")
@@ -103,26 +102,11 @@ class Config:
                                  "each isolated (less padding)")
     lora: int = option(0, "LoRA rank: train low-rank adapters only (0: full tuning)", min=0)
     merge: bool = option(False, "with --lora: also save the adapter merged into the model")
-    save_every: int = option(200, "checkpoint every this many steps (0: none)", min=0)
-    resume: bool = option(False, "continue from the last checkpoint in --output-dir with its optimizer state")
-    overwrite: bool = option(False, "start afresh in an --output-dir holding an earlier run's checkpoints (they are removed)")
     seed: int = option(42, "seed for the data order and initialisation of adapters")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast or fp32; auto: bf16 on a GPU that has it")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
-    device: str = option("auto", "cuda, cpu, mps or auto (under torchrun/accelerate the launcher decides)")
-    report_to: Literal["none", "tensorboard", "wandb"] = option("none", "also log the metrics to this tracker (accelerate's); "
-                                                                f"tensorboard's events go to <output-dir>/{TRACKER_DIR}/")
 
     def __post_init__(self):
         validate(self)
-        if self.template != AUTO_TEMPLATE and self.template not in TEMPLATES:
-            raise UserError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATES)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise UserError(f"--max-steps: must be -1 (no limit) or positive, got {self.max_steps}")
-        if self.merge and not self.lora:
-            raise UserError("--merge: only with --lora R (full tuning already saves a whole model)")
-        if self.resume and self.overwrite:
-            raise UserError("--overwrite: not with --resume (one continues the earlier run, the other removes it)")
+        check_run_flags(self)
 
     @property
     def reward_beta(self) -> float:
@@ -395,14 +379,10 @@ def claim_output_dir(cfg: Config, output_dir: Path) -> Path | None:
     """Check and lock the output folder before the model loads; the checkpoint to resume, if any."""
     from pipeline.models import resolve_model
 
-    check_output_folder(output_dir, "--output-dir")
     if output_dir.resolve() == resolve_model(cfg.model).resolve():
         raise UserError(f"--output-dir {output_dir}: is the --model folder; training would overwrite the model it "
                         f"starts from: choose another --output-dir")
-    if is_first_process():  # one lock per run: under DDP the other processes would be refused
-        claim_outputs({"--data": cfg.data}, {"--output-dir": output_dir})
-    check_outputs_apart({"--data": cfg.data}, {"--output-dir": [output_dir / name for name in RUN_FILES]})
-    return claim_checkpoints(output_dir, cfg.resume, cfg.overwrite)
+    return claim_run_dir(cfg, output_dir, RUN_FILES)
 
 
 def resume_settings(cfg: Config) -> dict:
@@ -412,20 +392,8 @@ def resume_settings(cfg: Config) -> dict:
 
 def prepare(cfg: Config, pairs: list[dict], output_dir: Path, resume_from: Path | None) -> Session:
     """Accelerator, tokenizer, pairs, model and optimizer, ready for step 0 (or the resumed step)."""
-    from accelerate.utils import set_seed
-
     settings = resume_settings(cfg)
-    if resume_from is not None:
-        check_resume_state(resume_from, settings)  # before the model loads: a mismatch fails fast
-    accelerator, precision = make_accelerator(cfg.device, cfg.precision, cfg.report_to, output_dir / TRACKER_DIR)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        if cfg.overwrite:
-            clear_run(output_dir, EARLIER_RUN_FILES)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-    accelerator.wait_for_everyone()
-    start_trackers(accelerator, "dpo", to_dict(cfg))
+    accelerator, precision = open_run(cfg, output_dir, resume_from, settings, "dpo", EARLIER_RUN_FILES)
     tokenizer = load_training_tokenizer(cfg)
     data = prepare_data(cfg, pairs, tokenizer)
     model = load_training_model(cfg, resume_from).to(accelerator.device)
@@ -441,17 +409,6 @@ def prepare(cfg: Config, pairs: list[dict], output_dir: Path, resume_from: Path 
     return Session(cfg, output_dir, trainer, tokenizer, data, batches, total_steps, resume_from, settings)
 
 
-def restore(s: Session) -> tuple[int, int]:
-    """(step, trained tokens) to start from: 0 for a new run, the checkpoint's with `--resume`."""
-    if s.resume_from is None:
-        return 0, 0
-    load_checkpoint_state(s.trainer, s.resume_from)
-    state = check_resume_state(s.resume_from, s.settings, s.total_steps)
-    if s.trainer.main:
-        print(f"resuming from {s.resume_from} at step {state['step']}", flush=True)
-    return state["step"], state["trained_tokens"]
-
-
 def start_outputs(s: Session, start_step: int) -> list[dict]:
     """metrics.jsonl cut back to the resumed step and train_config.json; the history so far."""
     if not s.trainer.main:
@@ -459,10 +416,7 @@ def start_outputs(s: Session, start_step: int) -> list[dict]:
     from pipeline.models import portable_name, resolve_model
     from pipeline.provenance import provenance
 
-    metrics_path = s.output_dir / METRICS_FILE
-    old = [r for _, r in read_records(metrics_path)] if s.resume_from is not None and metrics_path.exists() else []
-    history = [r for r in old if r.get("step", 0) <= start_step]
-    write_jsonl_atomic(metrics_path, history)
+    history = resumed_history(s.output_dir / METRICS_FILE, s.resume_from, start_step)
     accelerator = s.trainer.accelerator
     write_json_atomic(s.output_dir / TRAIN_CONFIG, {
         "stage": "dpo", "config": to_dict(s.cfg), "beta": s.cfg.reward_beta, "base_model": portable_name(s.cfg.model),
@@ -507,10 +461,7 @@ def train(s: Session, start_step: int, trained_total: int, history: list[dict]) 
                 history.append(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['reward_accuracy']:.2f}")
                 bar.update(1)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 != s.total_steps:
-                check_weights_finite(trainer, step + 1)
-                save_checkpoint(trainer, s.output_dir, {"step": step + 1, "trained_tokens": trained_total,
-                                                        "total_steps": s.total_steps, "settings": s.settings}, bool(cfg.lora))
+            checkpoint_if_due(trainer, cfg, s.output_dir, step + 1, trained_total, s.total_steps, s.settings)
     finally:
         bar.close()
         if log is not None:
@@ -531,7 +482,7 @@ def run(cfg: Config, *, client=None) -> Stats:
         s.batches.reference = reference_for_run(s)
     if s.trainer.main:
         print(preflight(s), flush=True)
-    start_step, trained_total = restore(s)
+    start_step, trained_total = restore_run(s.trainer, s.resume_from, s.settings, s.total_steps)
     history = start_outputs(s, start_step)
     last, trained_total = train(s, start_step, trained_total, history)
     save_model(s.trainer, output_dir, s.tokenizer, cfg, s.total_steps)

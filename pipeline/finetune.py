@@ -59,18 +59,17 @@ from pipeline.batching import collate, encode_all, micro_batch_filler, packing_h
 from pipeline.cards import CARD_FILE, write_model_card
 from pipeline.config import option, to_dict, validate
 from pipeline.errors import UserError
-from pipeline.jsonl import (AppendLog, check_output_folder, check_outputs_apart, claim_outputs, locked_outputs, read_records,
-                            write_json_atomic, write_jsonl_atomic)
+from pipeline.jsonl import (AppendLog, locked_outputs, read_records, write_json_atomic, write_jsonl_atomic)
 from pipeline.models import ADAPTER_DIR
 from pipeline.packed_attention import use_packed_attention
 from pipeline.plots import plot_loss
 from pipeline.records import TRAIN_CONFIG, training_record_validator
 from pipeline.task_split import split_by_task
-from pipeline.templates import IGNORE_INDEX, TEMPLATES, EncodedExample
-from pipeline.training import (Trainer, check_resume_state, check_weights_finite, claim_checkpoints, clear_run, file_digest,
-                               is_first_process, load_checkpoint_state, load_training_model, load_training_tokenizer,
-                               make_accelerator, make_trainer, remove_partial_checkpoints, save_checkpoint, save_model,
-                               TRACKER_DIR, log_to_trackers, start_trackers, train_step, validate as validation_loss)
+from pipeline.templates import IGNORE_INDEX, EncodedExample
+from pipeline.training import (AUTO_TEMPLATE, resumed_history, claim_run_dir, RunOptions, Trainer, check_run_flags, checkpoint_if_due,
+                               open_run, restore_run, check_resume_state, file_digest, load_training_model,
+                               load_training_tokenizer, make_trainer, save_model, TRACKER_DIR, log_to_trackers,
+                               train_step, validate as validation_loss)
 
 METRICS_FILE = "metrics.jsonl"
 VAL_FILE = "val.jsonl"
@@ -93,11 +92,11 @@ EVAL_GENERATE_MAX_NEW_TOKENS = 128
 
 # `--template auto` picks chat for files holding conversations (what `convert --kind dialogue`
 # and `mix` write), since only the chat template can express several turns.
-AUTO_TEMPLATE = "auto"
+
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(RunOptions):
     data: str = option("data/alpaca_data.jsonl", "training records (Alpaca JSONL, or chat `messages` JSONL with --template chat)")
     output_dir: str = option("runs/sft", "where the model, metrics and plots go")
     model: str = option("SmolLM2-135M-Instruct", "base model: the embedded SmolLM2-135M-Instruct or a local Hugging Face folder")
@@ -122,26 +121,11 @@ class Config:
                              min=0)
     eval_generate: int = option(0, "at each validation, also greedy answers to the first K validation records: their "
                                    "ROUGE-L and exact match go to metrics.jsonl (one process only)", min=0)
-    save_every: int = option(200, "checkpoint every this many steps (0: none)", min=0)
-    resume: bool = option(False, "continue from the last checkpoint in --output-dir with its optimizer state")
-    overwrite: bool = option(False, "start afresh in an --output-dir holding an earlier run's checkpoints (they are removed)")
     seed: int = option(42, "seed for the split, the data order and initialisation of adapters")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast or fp32; auto: bf16 on a GPU that has it, fp32 on CPU")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
-    device: str = option("auto", "cuda, cpu, mps or auto (under torchrun/accelerate the launcher decides)")
-    report_to: Literal["none", "tensorboard", "wandb"] = option("none", "also log the metrics to this tracker (accelerate's); "
-                                                                f"tensorboard's events go to <output-dir>/{TRACKER_DIR}/")
 
     def __post_init__(self):
         validate(self)
-        if self.template != AUTO_TEMPLATE and self.template not in TEMPLATES:
-            raise UserError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATES)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise UserError(f"--max-steps: must be -1 (no limit) or positive, got {self.max_steps}")
-        if self.merge and not self.lora:
-            raise UserError("--merge: only with --lora R (full fine-tuning already saves a whole model)")
-        if self.resume and self.overwrite:
-            raise UserError("--overwrite: not with --resume (one continues the earlier run, the other removes it)")
+        check_run_flags(self)
 
 
 @dataclass
@@ -320,31 +304,13 @@ class Session:
 
 def claim_output_dir(cfg: Config, output_dir: Path) -> Path | None:
     """Check and lock the output folder before the model loads; the checkpoint to resume, if any."""
-    check_output_folder(output_dir, "--output-dir")
-    # The folder's lock, and the files this run writes into it: none may be the training data.
-    # One lock per run: under DDP only the first process takes it (the others would be refused).
-    if is_first_process():
-        claim_outputs({"--data": cfg.data}, {"--output-dir": output_dir})
-    check_outputs_apart({"--data": cfg.data}, {"--output-dir": [output_dir / name for name in RUN_FILES]})
-    return claim_checkpoints(output_dir, cfg.resume, cfg.overwrite)
+    return claim_run_dir(cfg, output_dir, RUN_FILES)
 
 
 def prepare(cfg: Config, records: list[dict], output_dir: Path, resume_from: Path | None) -> Session:
     """Accelerator, tokenizer, data, model and optimizer, ready for step 0 (or the resumed step)."""
-    from accelerate.utils import set_seed
-
     settings = resume_settings(cfg)
-    if resume_from is not None:
-        check_resume_state(resume_from, settings)  # before the model loads: a mismatch fails fast
-    accelerator, precision = make_accelerator(cfg.device, cfg.precision, cfg.report_to, output_dir / TRACKER_DIR)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        if cfg.overwrite:
-            clear_run(output_dir, EARLIER_RUN_FILES)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-    accelerator.wait_for_everyone()
-    start_trackers(accelerator, "finetune", to_dict(cfg))
+    accelerator, precision = open_run(cfg, output_dir, resume_from, settings, "finetune", EARLIER_RUN_FILES)
     tokenizer = load_training_tokenizer(cfg)
     data = prepare_data(cfg, records, tokenizer)
     model = load_training_model(cfg, resume_from).to(accelerator.device)
@@ -362,25 +328,11 @@ def prepare(cfg: Config, records: list[dict], output_dir: Path, resume_from: Pat
     return Session(cfg, output_dir, trainer, tokenizer, data, batches, total_steps, packing_mode, resume_from, settings)
 
 
-def restore(s: Session) -> tuple[int, int]:
-    """(step, trained tokens) to start from: 0 for a new run, the checkpoint's with `--resume`."""
-    if s.resume_from is None:
-        return 0, 0
-    load_checkpoint_state(s.trainer, s.resume_from)
-    state = check_resume_state(s.resume_from, s.settings, s.total_steps)
-    if s.trainer.main:
-        print(f"resuming from {s.resume_from} at step {state['step']}", flush=True)
-    return state["step"], state["trained_tokens"]
-
-
 def start_outputs(s: Session, start_step: int) -> list[dict]:
     """metrics.jsonl cut back to the resumed step, val.jsonl, train_config.json; the history so far."""
     if not s.trainer.main:
         return []
-    metrics_path = s.output_dir / METRICS_FILE
-    old = [r for _, r in read_records(metrics_path)] if s.resume_from is not None and metrics_path.exists() else []
-    history = [r for r in old if r.get("step", 0) <= start_step]
-    write_jsonl_atomic(metrics_path, history)
+    history = resumed_history(s.output_dir / METRICS_FILE, s.resume_from, start_step)
     write_jsonl_atomic(s.output_dir / VAL_FILE, s.data.val_records)
     accelerator = s.trainer.accelerator
     from pipeline.models import portable_name, resolve_model
@@ -431,10 +383,7 @@ def train(s: Session, start_step: int, trained_total: int, history: list[dict]) 
                 history.append(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['token_accuracy']:.2f}")
                 bar.update(1)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not is_last:
-                check_weights_finite(trainer, step + 1)
-                save_checkpoint(trainer, s.output_dir, {"step": step + 1, "trained_tokens": trained_total,
-                                                        "total_steps": s.total_steps, "settings": s.settings}, bool(cfg.lora))
+            checkpoint_if_due(trainer, cfg, s.output_dir, step + 1, trained_total, s.total_steps, s.settings)
     finally:
         bar.close()
         if log is not None:
@@ -479,7 +428,7 @@ def run(cfg: Config, *, client=None) -> Stats:
     s = prepare(cfg, records, output_dir, resume_from)
     if s.trainer.main:
         print(preflight(s), flush=True)
-    start_step, trained_total = restore(s)
+    start_step, trained_total = restore_run(s.trainer, s.resume_from, s.settings, s.total_steps)
     history = start_outputs(s, start_step)
     last, trained_total = train(s, start_step, trained_total, history)
     save_final(s)

@@ -32,8 +32,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
+from pipeline.config import option
 from pipeline.errors import UserError
 from pipeline.jsonl import write_json_atomic
 
@@ -460,3 +461,109 @@ def save_model(trainer: Trainer, output_dir: Path, tokenizer, cfg, total_steps: 
         lm.save_pretrained(output_dir, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- a run's start, resume and checkpoints
+# The steps finetune and dpo take in the same way around their own data and loss.
+
+
+def open_run(cfg, output_dir: Path, resume_from: Path | None, settings: dict, stage: str, earlier_run_files):
+    """(accelerator, precision) for a run in `output_dir`, its folder made ready on the main process.
+
+    A resumed run's settings are checked first, before any model loads, so a mismatch fails fast;
+    `--overwrite` clears an earlier run's files; half-written checkpoints are removed."""
+    from accelerate.utils import set_seed
+
+    from pipeline.config import to_dict
+
+    if resume_from is not None:
+        check_resume_state(resume_from, settings)
+    accelerator, precision = make_accelerator(cfg.device, cfg.precision, cfg.report_to, output_dir / TRACKER_DIR)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        if cfg.overwrite:
+            clear_run(output_dir, earlier_run_files)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+    start_trackers(accelerator, stage, to_dict(cfg))
+    return accelerator, precision
+
+
+def restore_run(trainer, resume_from: Path | None, settings: dict, total_steps: int) -> tuple[int, int]:
+    """(step, trained tokens) to start from: 0 for a new run, the checkpoint's with `--resume`."""
+    if resume_from is None:
+        return 0, 0
+    load_checkpoint_state(trainer, resume_from)
+    state = check_resume_state(resume_from, settings, total_steps)
+    if trainer.main:
+        print(f"resuming from {resume_from} at step {state['step']}", flush=True)
+    return state["step"], state["trained_tokens"]
+
+
+def checkpoint_if_due(trainer, cfg, output_dir: Path, step: int, trained_tokens: int, total_steps: int,
+                      settings: dict) -> None:
+    """Every `--save-every` steps but the last (the final save follows it), finite weights only."""
+    if not cfg.save_every or step % cfg.save_every or step == total_steps:
+        return
+    check_weights_finite(trainer, step)
+    save_checkpoint(trainer, output_dir, {"step": step, "trained_tokens": trained_tokens,
+                                          "total_steps": total_steps, "settings": settings}, bool(cfg.lora))
+
+
+# ---------------------------------------------------------------- the flags every training stage shares
+AUTO_TEMPLATE = "auto"  # --template auto: each stage's own rule picks alpaca or chat
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a training run runs, the same for finetune and dpo (each adds its own data,
+    objective and schedule fields). Checkpoints, resume and trackers are `training`'s, so are these."""
+
+    save_every: int = option(200, "checkpoint every this many steps (0: none)", min=0)
+    resume: bool = option(False, "continue from the last checkpoint in --output-dir with its optimizer state")
+    overwrite: bool = option(False, "start afresh in an --output-dir holding an earlier run's checkpoints (they are removed)")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast or fp32; auto: bf16 on a GPU that has it, "
+                                                                "fp32 on CPU")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
+    device: str = option("auto", "cuda, cpu, mps or auto (under torchrun/accelerate the launcher decides)")
+    report_to: Literal["none", "tensorboard", "wandb"] = option("none", "also log the metrics to this tracker (accelerate's); "
+                                                                f"tensorboard's events go to <output-dir>/{TRACKER_DIR}/")
+
+
+def check_run_flags(cfg) -> None:
+    """The rules between flags that every training stage has (bounds are checked by `config.validate`)."""
+    from pipeline.templates import TEMPLATES
+
+    if cfg.template != AUTO_TEMPLATE and cfg.template not in TEMPLATES:
+        raise UserError(f"--template: {cfg.template!r} is not one of {', '.join(TEMPLATES)}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise UserError(f"--max-steps: must be -1 (no limit) or positive, got {cfg.max_steps}")
+    if cfg.merge and not cfg.lora:
+        raise UserError("--merge: only with --lora R (full fine-tuning already saves a whole model)")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--overwrite: not with --resume (one continues the earlier run, the other removes it)")
+
+
+def claim_run_dir(cfg, output_dir: Path, run_files) -> Path | None:
+    """Check and lock a run's output folder before the model loads; the checkpoint to resume, if any.
+
+    The folder's lock, and the files the run writes into it: none may be the training data. One
+    lock per run: under DDP only the first process takes it (the others would be refused)."""
+    from pipeline.outputs import check_output_folder, check_outputs_apart, claim_outputs
+
+    check_output_folder(output_dir, "--output-dir")
+    if is_first_process():
+        claim_outputs({"--data": cfg.data}, {"--output-dir": output_dir})
+    check_outputs_apart({"--data": cfg.data}, {"--output-dir": [output_dir / name for name in run_files]})
+    return claim_checkpoints(output_dir, cfg.resume, cfg.overwrite)
+
+
+def resumed_history(metrics_path: Path, resume_from: Path | None, start_step: int) -> list[dict]:
+    """metrics.jsonl cut back to the step a run resumes from (a fresh run starts it empty); its records."""
+    from pipeline.jsonl import read_records, write_jsonl_atomic
+
+    old = [r for _, r in read_records(metrics_path)] if resume_from is not None and metrics_path.exists() else []
+    history = [r for r in old if r.get("step", 0) <= start_step]
+    write_jsonl_atomic(metrics_path, history)
+    return history
