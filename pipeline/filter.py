@@ -307,6 +307,7 @@ def print_summary(report: dict, out: Path, rejected_out: Path, report_out: Path)
     print(f"  pairs: {pairs['possible']:,} possible, {pairs['compared']:,} compared, {share:.1%} pruned")
     hist = report["max_rouge_l_histogram"]
     print("  highest ROUGE-L of kept: " + "  ".join(f"{lo:.1f}+:{n}" for lo, n in zip(hist["edges"], hist["counts"]) if n))
-    print(f"  {report['seconds']['wall']:.2f} s -> {out} ({report['kept']:,}), {rejected_out} ({report['rejected']:,}), {report_out}")
+    rejected = f"{rejected_out} ({report['rejected']:,})" if report["rejected"] else "nothing rejected"
+    print(f"  {report['seconds']['wall']:.2f} s -> {out} ({report['kept']:,}), {rejected}, {report_out}")
     if report["tokenizer_warning"]:
         print(f"warning: {report['tokenizer_warning']}", file=sys.stderr)
