@@ -52,13 +52,18 @@ def draw_loss(ax, history: list[dict]) -> bool:
 
 def plot_loss(history: list[dict], path: Path) -> None:
     """`draw_loss` saved as a PNG file (finetune's `loss.png`)."""
+    save_run_plot(draw_loss, history, path)
+
+
+def save_run_plot(draw, history: list[dict], path: Path) -> None:
+    """A run's metrics drawn by `draw(ax, history)` and saved as one PNG figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=LOSS_FIGURE_SIZE)
-    draw_loss(ax, history)
+    draw(ax, history)
     fig.tight_layout()
     fig.savefig(path, dpi=LOSS_FIGURE_DPI)
     plt.close(fig)
@@ -85,13 +90,4 @@ def draw_preference(ax, history: list[dict]) -> bool:
 
 def plot_preference(history: list[dict], path: Path) -> None:
     """`draw_preference` saved as a PNG file (dpo's `loss.png`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=LOSS_FIGURE_SIZE)
-    draw_preference(ax, history)
-    fig.tight_layout()
-    fig.savefig(path, dpi=LOSS_FIGURE_DPI)
-    plt.close(fig)
+    save_run_plot(draw_preference, history, path)

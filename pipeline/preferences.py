@@ -58,6 +58,7 @@ from typing import Iterable
 
 from pipeline.errors import InputError
 from pipeline.jsonl import FieldSpec, check_fields, load_records, path_beside
+from pipeline.records import check_turns
 from pipeline.templates import alpaca_prompt, user_text
 
 FORMATS = ("alpaca", "messages")  # the same names as respond's --format
@@ -85,7 +86,6 @@ PAIR_FIELDS: FieldSpec = {
 }
 SCORE_FIELDS: FieldSpec = {"chosen": (NUMBER, True, False), "rejected": (NUMBER, True, False)}
 REASON_FIELDS: FieldSpec = {"chosen": (str, False, False), "rejected": (str, False, False)}
-TURN_FIELDS: FieldSpec = {"role": (str, True, True), "content": (str, True, False)}
 LABEL_FIELDS: FieldSpec = {
     "id": ((str, int), True, True),
     "pair": (str, True, True),
@@ -215,16 +215,7 @@ def check_pair(record: dict, line: int, path) -> None:
 def _check_turns(turns: list, name: str, path, line: int, roles: tuple[str, ...]) -> None:
     if not turns:
         raise InputError(path, line, name, "expected at least one {role, content} turn")
-    for number, turn in enumerate(turns):
-        where = f"{name}[{number}]"
-        if not isinstance(turn, dict):
-            raise InputError(path, line, where, 'expected {"role": str, "content": str}')
-        try:
-            check_fields(turn, TURN_FIELDS, path, line)
-        except InputError as e:
-            raise InputError(path, line, f"{where}.{e.field}", e.problem) from None
-        if turn["role"] not in roles:
-            raise InputError(path, line, f"{where}.role", f"{turn['role']!r} is not one of {', '.join(roles)}")
+    check_turns(turns, name, path, line, roles)
 
 
 def _check_nested(record: dict, name: str, spec: FieldSpec, path, line: int) -> None:

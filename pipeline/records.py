@@ -56,15 +56,7 @@ def check_training_record(record: dict, line: int, path, template: str | None = 
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise InputError(path, line, "messages", "expected a non-empty list of {role, content} turns")
-    for number, turn in enumerate(messages):
-        if not isinstance(turn, dict):
-            raise InputError(path, line, f"messages[{number}]", "expected {\"role\": str, \"content\": str}")
-        try:
-            check_fields(turn, TURN, path, line)
-        except InputError as e:
-            raise InputError(path, line, f"messages[{number}].{e.field}", e.problem) from None
-        if turn["role"] not in CHAT_ROLES:
-            raise InputError(path, line, f"messages[{number}].role", f"{turn['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+    check_turns(messages, "messages", path, line, CHAT_ROLES)
     if reference_last and messages[-1]["role"] != "assistant":
         raise InputError(path, line, "messages", "the last turn must be the assistant's (it is the reference answer)")
     if not any(turn["role"] == "assistant" for turn in messages):
@@ -94,3 +86,18 @@ def train_settings(model_dir) -> dict:
     nested = data.get("config") if isinstance(data.get("config"), dict) else {}
     found = {key: data.get(key, nested.get(key)) for key in TRAIN_SETTINGS}
     return {key: value for key, value in found.items() if value is not None}
+
+
+def check_turns(turns: list, name: str, path, line: int, roles: tuple[str, ...] = CHAT_ROLES) -> None:
+    """Each turn of a conversation is `{"role", "content"}` with a role from `roles`; errors name
+    the turn (`messages[2].role`). Training records and preference pairs both hold conversations."""
+    for number, turn in enumerate(turns):
+        where = f"{name}[{number}]"
+        if not isinstance(turn, dict):
+            raise InputError(path, line, where, 'expected {"role": str, "content": str}')
+        try:
+            check_fields(turn, TURN, path, line)
+        except InputError as e:
+            raise InputError(path, line, f"{where}.{e.field}", e.problem) from None
+        if turn["role"] not in roles:
+            raise InputError(path, line, f"{where}.role", f"{turn['role']!r} is not one of {', '.join(roles)}")
