@@ -74,8 +74,10 @@ endif
 
 # generate and respond append as they go and resume where they stopped, so they always run:
 # a file cut short by Ctrl-C must not look finished to make. With nothing left to do they
-# return at once and leave the file (and its timestamp) alone.
-data/machine_instructions.jsonl: $(SEEDS) FORCE | setup
+# return at once and leave the file (and its timestamp) alone. ALWAYS_RUN= (empty) lets make
+# judge them by their timestamps alone: the demo's second pass, which has just made them.
+ALWAYS_RUN ?= FORCE
+data/machine_instructions.jsonl: $(SEEDS) $(ALWAYS_RUN) | setup
 	$(PY) -m pipeline generate --seeds $(SEEDS) --out $@ --num-instructions $(N) \
 		--mode $(MODE) --language $(LANGUAGE) --threshold $(THRESHOLD) $(BACKEND_FLAGS)
 
@@ -83,7 +85,7 @@ data/filtered_instructions.jsonl: data/machine_instructions.jsonl $(SEEDS) | set
 	$(PY) -m pipeline filter --in $< --seeds $(SEEDS) --out $@ --report data/filter_report.json \
 		--threshold $(THRESHOLD) --tokenizer $(TOKENIZER)
 
-data/alpaca_data.jsonl: data/filtered_instructions.jsonl FORCE | setup
+data/alpaca_data.jsonl: data/filtered_instructions.jsonl $(ALWAYS_RUN) | setup
 	$(PY) -m pipeline respond --in $< --seeds $(SEEDS) --out $@ --format $(FORMAT) \
 		--instances-per-instruction $(INSTANCES) $(BACKEND_FLAGS)
 
@@ -101,7 +103,7 @@ $(RUN)/model.safetensors: $(DATA) | setup
 # Every record scored 1-5 by the judge (probability scoring on the embedded model); with
 # MIN_SCORE the low ones go to data/judged.rejected.jsonl. It resumes, so it always runs; a
 # rerun with another MIN_SCORE re-splits the two files without asking the judge again.
-data/judged.jsonl: data/alpaca_data.jsonl FORCE | setup
+data/judged.jsonl: data/alpaca_data.jsonl $(ALWAYS_RUN) | setup
 	$(PY) -m pipeline judge --in $< --out $@ --scoring $(SCORING) $(if $(MIN_SCORE),--min-score $(MIN_SCORE)) \
 		$(BACKEND_FLAGS)
 
@@ -126,7 +128,7 @@ LABELS ?=
 PREFS_LIMIT ?=
 PREFS_MAX_TOKENS ?= 256
 CONFIRM ?= --confirm
-$(PREFS): data/alpaca_data.jsonl $(RUN)/model.safetensors FORCE | setup
+$(PREFS): data/alpaca_data.jsonl $(RUN)/model.safetensors $(ALWAYS_RUN) | setup
 	$(PY) -m pipeline prefs --in data/alpaca_data.jsonl --out $@ --backend local --model $(RUN) \
 		--num-samples $(NUM_SAMPLES) --format $(FORMAT) --seeds $(SEEDS) --seed $(SEED) --api $(API) \
 		--max-tokens $(PREFS_MAX_TOKENS) $(CONFIRM) $(if $(PREFS_LIMIT),--limit $(PREFS_LIMIT)) \
@@ -195,7 +197,7 @@ DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejec
 demo: | setup
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory $(DEMO_VARS) eval inspect prefs && \
-	if [ -s $(PREFS) ]; then $(MAKE) --no-print-directory $(DEMO_VARS) eval-dpo; \
+	if [ -s $(PREFS) ]; then $(MAKE) --no-print-directory $(DEMO_VARS) ALWAYS_RUN= eval-dpo; \
 	else echo "== no preference pair survived the judge: DPO skipped (see data/preferences.rejected.jsonl)"; fi && \
 	echo && echo "== make demo: done in $$(( $$(date +%s) - start )) s. Artifacts:" && \
 	for f in $(DEMO_ARTIFACTS); do \

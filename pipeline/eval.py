@@ -113,6 +113,18 @@ class Config:
                                                                   "backend (pairwise, both orders; see pipeline.win_rate)")
     judge_base_url: str | None = option(None, "the judge's OpenAI-compatible server (default: $OPENAI_BASE_URL)")
     judge_model: str = option(DEFAULT_JUDGE_MODEL, "the judge: a model name (openai) or local model folder")
+    judge_scoring: Literal["auto", "text", "probs"] = option(
+        "auto", "how the judge answers: probs reads the verdict and the 1-5 score from the next token's probabilities "
+                "(one forward pass each), text asks for JSON; auto: probs on the local backend, text on openai",
+        choices=("auto", "text", "probs"))
+
+    @property
+    def resolved_judge_scoring(self) -> str:
+        # The same rule as the judge stage's --scoring auto: a local model's probabilities are one
+        # forward pass and never unreadable; a server may not return log-probabilities at all.
+        if self.judge_scoring != "auto":
+            return self.judge_scoring
+        return "probs" if self.judge_backend == "local" else "text"
 
     def __post_init__(self):
         validate(self)  # bounds from the field metadata; the rules between fields follow
@@ -298,7 +310,7 @@ def judged_comparison(cfg: Config, data: EvalSet, tuned: ModelScores, base: Mode
                       data.languages[i]) for i, record in enumerate(data.records)]
     judge = open_client(options, client)
     try:
-        return compare(judge, items, JudgeSettings())
+        return compare(judge, items, JudgeSettings(scoring=cfg.resolved_judge_scoring))
     finally:
         judge.close()
 

@@ -20,6 +20,7 @@ The judge sits below the eval stage and imports no stage.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from statistics import fmean
 
@@ -52,7 +53,11 @@ def compare(client, items: list[Compared], settings: JudgeSettings) -> Compariso
     """Pairwise verdicts in both orders and reference-guided scores for every item."""
     pairs = [Pair(item.key, item.instruction, item.tuned, item.base, item.input, item.reference, item.language)
              for item in items]
-    verdicts: dict[str, Verdict] = {pair.key: verdict for pair, verdict in pairwise_verdicts(client, pairs, settings)}
+    with progress(len(pairs), "judge: pairwise, both orders") as bar:
+        verdicts: dict[str, Verdict] = {}
+        for pair, verdict in pairwise_verdicts(client, pairs, settings):
+            verdicts[pair.key] = verdict
+            bar.update(1)
     per_record = {item.key: {"winner": WINNER_NAMES.get(verdicts[item.key].winner) if item.key in verdicts else None,
                              "flipped": verdicts[item.key].flipped if item.key in verdicts else False}
                   for item in items}
@@ -67,10 +72,18 @@ def reference_scores(client, items: list[Compared], settings: JudgeSettings) -> 
     judged = [JudgeItem(f"{side}\x00{item.key}", item.instruction, getattr(item, side), item.input, item.reference,
                         item.language) for item in items for side in SIDES]
     out: dict[tuple[str, str], float | None] = {}
-    for judge_item, judgement in judge_items(client, judged, settings):
-        side, key = judge_item.key.split("\x00", 1)
-        out[(side, key)] = judgement.score
+    with progress(len(judged), "judge: scores against the reference") as bar:
+        for judge_item, judgement in judge_items(client, judged, settings):
+            side, key = judge_item.key.split("\x00", 1)
+            out[(side, key)] = judgement.score
+            bar.update(1)
     return out
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="answer" if "scores" in desc else "pair", disable=None, file=sys.stderr)
 
 
 def summarize(verdicts: list[Verdict], compared: int, scores: dict[tuple[str, str], float | None]) -> dict:

@@ -4,6 +4,7 @@ the batched paths against one-record-at-a-time runs."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -366,6 +367,41 @@ def judged_eval(tmp_path, fake_openai, records) -> dict:
     assert main(["eval", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", records)), "--out", str(out),
                  "--judge-backend", "openai", "--judge-base-url", fake_openai.base_url, "--judge-model", "fake-judge"]) == 0
     return json.loads(out.read_text(encoding="utf-8"))
+
+
+def fair_judge_probabilities(body: dict) -> dict[str, float]:
+    """The fair judge of `knows_the_answer`, answering in next-token probabilities: 0.9 on its
+    verdict letter or score digit, the rest spread over the other choices."""
+    prompt = body["messages"][0]["content"]
+    pairwise = "[Answer A]" in prompt or "【回答A】" in prompt
+    fake = dict(body, response_format={"json_schema": {"name": "verdict" if pairwise else "judgement"}})
+    reply = json.loads(knows_the_answer(fake))
+    if pairwise:
+        choice = {"A": "A", "B": "B", "tie": "C"}[reply["winner"]]
+        return {token: math.log(0.9 if token == choice else 0.05) for token in "ABC"}
+    return {str(d): math.log(0.9 if d == reply["score"] else 0.025) for d in range(1, 6)}
+
+
+def test_probability_scoring_reads_verdicts_and_scores_from_the_judges_token_probabilities(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-eval-judge")
+    fake_openai.answer = lambda body: "A"
+    fake_openai.top_logprobs = fair_judge_probabilities
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", JUDGED_RECORDS)), "--out", str(out),
+                 "--judge-backend", "openai", "--judge-base-url", fake_openai.base_url, "--judge-model", "fake-judge",
+                 "--judge-scoring", "probs"]) == 0
+    judge = json.loads(out.read_text(encoding="utf-8"))["judge"]
+    # The text reply ("A" every time) would make every verdict a flip; the probabilities decide.
+    assert (judge["wins"], judge["ties"], judge["losses"]) == (2, 1, 0) and judge["flip_rate"] == 0.0
+    assert judge["reference_score"]["base"] == pytest.approx(0.9 * 1 + 0.025 * (2 + 3 + 4 + 5))
+    assert all(b.get("logprobs") and "response_format" not in b for b in fake_openai.bodies)
+    assert any("日本の首都" in b["messages"][0]["content"] for b in fake_openai.bodies)
+
+
+def test_judge_scoring_auto_is_probs_on_the_local_backend_and_text_on_a_server():
+    assert ev.Config(model="m", baseline="b", judge_backend="local").resolved_judge_scoring == "probs"
+    assert ev.Config(model="m", baseline="b", judge_backend="openai").resolved_judge_scoring == "text"
+    assert ev.Config(model="m", baseline="b", judge_backend="local", judge_scoring="text").resolved_judge_scoring == "text"
 
 
 def test_a_position_biased_judge_gives_ties_never_a_false_win(tmp_path, fake_openai, monkeypatch):
