@@ -58,8 +58,8 @@ from pipeline.similarity import NEAR_DUPLICATE_THRESHOLD, THRESHOLD_BOUNDS, Roug
 NEAR_DUPLICATE = "near_duplicate"
 REASONS = HEURISTIC_REASONS + (EVAL_OVERLAP, NEAR_DUPLICATE)
 
-# Exact highest scores for every kept record need all (record, earlier record) pairs: about
-# 12M pairs for a 5,000-record pool, 0.2-0.25 s of CPU (RougeIndex.exact_best_earlier).
+# Exact highest scores for every kept record bound all (record, earlier record) pairs: about
+# 12M pairs for a 5,000-record pool, ~0.13 s of CPU (RougeIndex.exact_best_earlier).
 EXACT_SCORES_LIMIT = 5_000
 
 
@@ -135,13 +135,12 @@ def filter_instructions(candidates: list[dict], seeds: list[SeedTask], cfg: Conf
     heuristics_s = time.perf_counter() - started
 
     index = RougeIndex(cfg.threshold, cfg.tokenizer)
-    kept, near = _apply_rouge_l(index, seeds, survivors, progress)
+    kept, near, exact = _apply_rouge_l(index, seeds, survivors, progress, cfg.exact_scores_limit)
     rejected += near
     rouge_s = time.perf_counter() - started - heuristics_s
 
-    exact = len(index) <= cfg.exact_scores_limit
-    if exact and kept:
-        _set_exact_scores(index, len(seeds), kept)
+    if exact:
+        kept = _with_exact_scores(index, len(seeds), kept)
     total_s = time.perf_counter() - started
     seconds = {"heuristics": round(heuristics_s, 3), "rouge_l": round(rouge_s, 3),
                "exact_scores": round(total_s - heuristics_s - rouge_s, 3), "total": round(total_s, 3)}
@@ -170,6 +169,8 @@ def _nearest(item_id: str | None, index: RougeIndex) -> dict | None:
 def _apply_heuristics(records: list[dict], seeds: list[SeedTask], options: HeuristicOptions,
                       heldout_ids: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
     """`(survivors, rejected)`: the named checks of `pipeline.heuristics`, each record alone."""
+    if not options.enabled:  # every check is off: nothing to fold or look up
+        return list(records), []
     seed_by_form: dict[str, SeedTask] = {}
     for seed in seeds:
         seed_by_form.setdefault(fold_width_case_space(seed.instruction), seed)
@@ -188,12 +189,15 @@ def _apply_heuristics(records: list[dict], seeds: list[SeedTask], options: Heuri
     return survivors, rejected
 
 
-def _apply_rouge_l(index: RougeIndex, seeds: list[SeedTask], survivors: list[dict],
-                   progress: bool) -> tuple[list[dict], list[dict]]:
-    """`(kept, near_duplicates)`: the greedy ROUGE-L rule, seeds first in the pool, then in input order."""
+def _apply_rouge_l(index: RougeIndex, seeds: list[SeedTask], survivors: list[dict], progress: bool,
+                   exact_scores_limit: int) -> tuple[list[dict], list[dict], bool]:
+    """`(kept, near_duplicates, exact)`: the greedy ROUGE-L rule, seeds first in the pool, then in input order.
+
+    `exact`: the pool is small enough for `_with_exact_scores`; then the kept records are
+    returned as they came, since that pass gives them their scores (once, not twice).
+    """
     index.prepare_order([seed.instruction for seed in seeds] + [r["instruction"] for r in survivors])
-    for seed in seeds:
-        index.add(seed.id, seed.instruction)
+    index.add_all([(seed.id, seed.instruction) for seed in seeds])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -203,22 +207,23 @@ def _apply_rouge_l(index: RougeIndex, seeds: list[SeedTask], survivors: list[dic
                                        on_block=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
+    exact = len(index) <= exact_scores_limit
     kept, near = [], []
     for record, (keep, score, best_id) in zip(survivors, results):
-        scored = dict(record, filter_max_rouge_l=score, filter_most_similar=_nearest(best_id, index))
         if keep:
-            kept.append(scored)
+            kept.append(record if exact else
+                        dict(record, filter_max_rouge_l=score, filter_most_similar=_nearest(best_id, index)))
         else:
-            near.append(dict(scored, reason=NEAR_DUPLICATE))
-    return kept, near
+            near.append(dict(record, filter_max_rouge_l=score, filter_most_similar=_nearest(best_id, index),
+                             reason=NEAR_DUPLICATE))
+    return kept, near, exact
 
 
-def _set_exact_scores(index: RougeIndex, num_seeds: int, kept: list[dict]) -> None:
-    """Replace the kept records' scores (lower bounds below the threshold) with exact ones."""
+def _with_exact_scores(index: RougeIndex, num_seeds: int, kept: list[dict]) -> list[dict]:
+    """The kept records with their exact highest score (`_apply_rouge_l` gives lower bounds below the threshold)."""
     positions = list(range(num_seeds, num_seeds + len(kept)))  # kept ones joined the pool in order
-    for record, (score, best_id) in zip(kept, index.exact_best_earlier(positions)):
-        record["filter_max_rouge_l"] = score
-        record["filter_most_similar"] = _nearest(best_id, index)
+    return [dict(record, filter_max_rouge_l=score, filter_most_similar=_nearest(best_id, index))
+            for record, (score, best_id) in zip(kept, index.exact_best_earlier(positions))]
 
 
 def _report(records: list[dict], seeds: list[SeedTask], kept: list[dict], rejected: list[dict], cfg: Config,

@@ -314,8 +314,10 @@ def prepare(cfg: Config, records: list[dict], output_dir: Path, resume_from: Pat
     tokenizer = load_training_tokenizer(cfg)
     data = prepare_data(cfg, records, tokenizer)
     model = load_training_model(cfg, resume_from).to(accelerator.device)
-    if cfg.packing and accelerator.device.type == "cpu":
-        use_packed_attention(model)  # one SDPA call per record, no row-wide mask: pipeline.packed_attention
+    if accelerator.device.type == "cpu":
+        # One SDPA call per record, no row-wide mask, and fp32 scores under bf16 autocast (unpacked
+        # rows too, each one record): pipeline.packed_attention.
+        use_packed_attention(model)
     block_mask = bool(cfg.packing) and not packing_honoured(model, accelerator.device)
     batches = SftBatches(cfg, data.train_examples, data.val_examples, tokenizer.pad_token_id, block_mask,
                          accelerator.num_processes, accelerator.process_index)

@@ -24,6 +24,14 @@ whatever else shares the batch.
 Requests asking for `top_logprobs` (the judge's G-Eval scores) take one forward pass instead of
 a generation (`_next_token`). Every answer names its engine and precision (`Response.engine`,
 `Response.precision`) for the records' provenance.
+
+Precision (`models.local_dtype`): on a CPU with bf16 matmul units (AVX-512 BF16 or AMX), bf16;
+fp32 on other CPUs. `LocalClient(dtype=...)` picks one explicitly, including bf16 weights with
+attention and the KV cache in fp32 (pipeline/cpu_attention.py), named "bf16 (fp32 attention)":
+as close to fp32 as plain bf16 here and 11% slower, it is kept for CPUs whose bf16 attention
+kernel is slow (bench/bench_local.py measures all three).
+The tests pin fp32 where batched greedy answers must equal each request's answer alone: bf16
+rounds at 8 bits, so a batch's shape can flip a near tie.
 """
 
 from __future__ import annotations
@@ -50,8 +58,13 @@ CACHE_GROWTH = 128
 # Leading cache columns that are padding in every row are cut once there are this many: each
 # costs attention work every step, cutting costs one copy of the cache.
 TRIM_COLUMNS = 64
+# Joiners' prompts that start with this many tokens in common (a chat template's system prompt:
+# 21 tokens for SmolLM2) prefill that start once, not once per row.
+MIN_SHARED_PREFIX = 16
 ENGINE = f"torch-{'.'.join(torch.__version__.split('+')[0].split('.')[:2])} continuous-batching"
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# How provenance names bf16 weights with fp32 attention (models.BF16_FP32_ATTENTION).
+BF16_FP32_ATTENTION_NAME = "bf16 (fp32 attention)"
 
 
 @dataclass(eq=False)
@@ -118,8 +131,12 @@ class DecodeBatch:
     `mask[i]` marks slot i's real cache positions.
     """
 
-    def __init__(self, lm, pad_id: int):
+    def __init__(self, lm, pad_id: int, cache_dtype: torch.dtype | None = None):
         self.lm, self.pad_id = lm, pad_id
+        # fp32 under fp32 attention: the cache is then cast once when written, not every step when read.
+        self.cache_dtype = cache_dtype or lm.dtype
+        self.prefix: list[int] = []  # the prompts' shared start, and its KV cache per layer
+        self.prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.rows: list[_Row | None] = []
         self.layers: list[_GrowingLayer] = []
         self.mask = torch.zeros((0, 0), dtype=torch.long)
@@ -129,22 +146,58 @@ class DecodeBatch:
         return sum(row is not None for row in self.rows)
 
     def join(self, rows: list[_Row]) -> torch.Tensor:
-        """Prefill `rows` (left-padded together) into free slots; their first tokens' logits."""
-        width = max(len(row.job.prompt) for row in rows)
+        """Prefill `rows` (left-padded together, after the prompts' shared start when there is one)
+        into free slots; their first tokens' logits."""
+        prefix = self._shared_prefix(rows)
+        width = max(len(row.job.prompt) for row in rows) - len(prefix)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, row in enumerate(rows):
-            ids[j, width - len(row.job.prompt):] = torch.tensor(row.job.prompt)
-            mask[j, width - len(row.job.prompt):] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.lm(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                      position_ids=positions.to(self.lm.device), use_cache=True, logits_to_keep=1)
+            suffix = row.job.prompt[len(prefix):]
+            ids[j, width - len(suffix):] = torch.tensor(suffix)
+            mask[j, width - len(suffix):] = 1
+        # The shared start sits before each row's padding: a hole the mask hides, positions skip.
+        mask = torch.cat([mask.new_ones((len(rows), len(prefix))), mask], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, len(prefix):]
+        cache = self._prefix_layers(len(rows), len(prefix), width) if prefix else None
+        device = self.lm.device
+        out = self.lm(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                      cache=cache, use_cache=True, logits_to_keep=1)
         # Padding positions hold whatever the model computed for a token that sees nothing;
         # zeros keep them harmless in every later step (they are masked, but NaN * 0 is NaN).
-        pad = (mask == 0).to(self.lm.device)[:, None, :, None]
-        new = [(layer.keys.masked_fill(pad, 0), layer.values.masked_fill(pad, 0)) for layer in out.cache.layers]
+        pad = (mask == 0).to(device)[:, None, :, None]
+        new = [(layer.keys.masked_fill(pad, 0).to(self.cache_dtype), layer.values.masked_fill(pad, 0).to(self.cache_dtype))
+               for layer in out.cache.layers]
         self._place(rows, new, mask)
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :].float()  # argmax over bf16 logits is several times slower
+
+    def _shared_prefix(self, rows: list[_Row]) -> list[int]:
+        """The start all `rows`' prompts share (a chat template's system prompt), whose KV cache is
+        computed once and kept for later joiners; [] when it is too short to pay."""
+        prompts = [row.job.prompt for row in rows]
+        shortest = min(len(prompt) for prompt in prompts) - 1  # each row prefills at least its last token
+        kept = self.prefix[:shortest]
+        if len(kept) >= MIN_SHARED_PREFIX and len(kept) == len(self.prefix) and all(p[:len(kept)] == kept for p in prompts):
+            return kept
+        common = list(itertools.takewhile(lambda ids: len(set(ids)) == 1, zip(*(p[:shortest] for p in prompts))))
+        if len(common) < MIN_SHARED_PREFIX or len(prompts) < 2:
+            return []
+        self.prefix = [ids[0] for ids in common]
+        out = self.lm(input_ids=torch.tensor([self.prefix], device=self.lm.device), use_cache=True, logits_to_keep=1)
+        self.prefix_cache = [(layer.keys.to(self.cache_dtype), layer.values.to(self.cache_dtype))
+                             for layer in out.cache.layers]
+        return self.prefix
+
+    def _prefix_layers(self, rows: int, length: int, width: int) -> Cache:
+        """A cache holding the first `length` positions of the shared start for `rows` rows, with
+        room for `width` more: the prefill writes into it without reallocating."""
+        layers = []
+        for keys, values in self.prefix_cache:
+            shape = (rows, keys.shape[1], length + width, keys.shape[3])
+            keys_room, values_room = keys.new_empty(shape), values.new_empty(shape)
+            keys_room[:, :, :length], values_room[:, :, :length] = keys[:, :, :length], values[:, :, :length]
+            layers.append(_GrowingLayer(keys_room, values_room, length))
+        return Cache(layers=layers)
 
     def _place(self, rows: list[_Row], new: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         width = mask.shape[1]
@@ -208,7 +261,7 @@ class DecodeBatch:
         device = self.lm.device
         out = self.lm(input_ids=ids.to(device), attention_mask=self.mask.to(device), position_ids=positions.to(device),
                       cache=Cache(layers=self.layers), use_cache=True)
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :].float()
 
 
 class LocalClient:
@@ -217,7 +270,8 @@ class LocalClient:
     backend = "local"
 
     def __init__(self, options: BackendOptions, dtype: str = "auto"):
-        from pipeline.models import load_model, load_tokenizer, local_dtype, use_free_cores
+        from pipeline.cpu_attention import use_fp32_attention
+        from pipeline.models import BF16_FP32_ATTENTION, load_model, load_tokenizer, local_dtype, use_free_cores
 
         self.options = options
         self.model = options.model
@@ -225,8 +279,12 @@ class LocalClient:
         self.totals = Totals()
         self.threads = use_free_cores()
         self.tokenizer = load_tokenizer(options.model, padding_side="left")
-        self.lm = load_model(options.model, device=options.device, dtype=local_dtype(options.device, dtype))
+        precision = local_dtype(options.device, dtype)
+        self.lm = load_model(options.model, device=options.device, dtype=precision)
         self.precision = PRECISIONS.get(self.lm.dtype, str(self.lm.dtype))
+        self.cache_dtype = self.lm.dtype
+        if precision == BF16_FP32_ATTENTION and use_fp32_attention(self.lm):
+            self.precision, self.cache_dtype = BF16_FP32_ATTENTION_NAME, torch.float32
         self.engine = ENGINE
         eos = self.lm.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -238,7 +296,7 @@ class LocalClient:
         source = iter(requests)
         waiting: deque[_Row] = deque()
         scored: list[tuple[Request, str, bool]] = []
-        batch = DecodeBatch(self.lm, self.tokenizer.pad_token_id)
+        batch = DecodeBatch(self.lm, self.tokenizer.pad_token_id, self.cache_dtype)
         exhausted = False
         while True:
             if not exhausted and len(waiting) < self.options.batch_size:

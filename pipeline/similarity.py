@@ -56,9 +56,11 @@ unseen at the last count sort first). Then, per block of candidates, all in nump
    (an earlier item of the block counts only once it is kept), as the sequential greedy does.
 
 `exact_best_earlier` (the exact highest score of every kept record, for the filter's report)
-is not pruned: a kept record's best is usually near 0.4, where the bounds above keep most
-pairs and cost more per pair than rapidfuzz's `cdist` (SIMD LCS, ~10 ns a pair) costs to score
-them all; it ranks pairs by cdist's float32 normalized similarity (exact: see the method).
+has no threshold to prune with: a kept record's best is usually near 0.4, where the bounds above
+keep most pairs. So it bounds every earlier pair in rapidfuzz's SIMD `cdist` (~5 ns a pair)
+over an alphabet of 255 characters, where frequent tokens keep their own and rare ones share
+(an LCS can only grow when tokens merge), and scores exactly only the pairs whose bound reaches
+the exact score of their row's best-bounded pair: ~3 a row on Alpaca, not ~1,000.
 
 The work grows with the pairs that share a rare-enough token, not with the pool squared; on
 text whose every word is common it still grows about quadratically (see bench/bench_filter.py).
@@ -68,8 +70,10 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from typing import Callable, Literal
@@ -94,7 +98,11 @@ THRESHOLD_BOUNDS = {"above": 0.0, "max": 1.0}
 NON_ALNUM_RE = re.compile(r"[^a-z0-9]+")
 # The same rule over many texts joined by a separator that it leaves alone (`_tokenize_all`).
 _BATCH_SEPARATOR = "\x00"
-_BATCH_NON_ALNUM_RE = re.compile(r"[^a-z0-9\x00]+")
+# That rule as one byte table for ASCII text: A-Z lowercased, a-z, 0-9 and the separator kept,
+# every other byte a space (then `split()` merges the runs). bytes.translate does in one C pass
+# what lower() plus a regex substitution did in two (the regex was ~15% of a 2,000-record filter).
+_ASCII_TOKEN_BYTES = bytes(
+    b + 32 if 65 <= b <= 90 else b if 97 <= b <= 122 or 48 <= b <= 57 or b == 0 else 32 for b in range(256))
 
 # Scripts written without spaces: one token per character, so a one-character edit to a
 # Japanese sentence changes one token, exactly like a one-word edit to an English one.
@@ -158,9 +166,17 @@ _SKETCH_CHUNK = 1 << 20  # pairs per vectorised bound evaluation, to bound tempo
 # rapidfuzz starts its worker threads on every call: ~1 ms on an idle machine and ~10 ms on a
 # loaded one, against ~0.3 us a pair on one thread, so a block with fewer pairs stays on one.
 _PARALLEL_PAIRS = 20_000
-# Two ROUGE-L F1 values of pairs with lengths up to this differ by at least 1/(2*1000)**2 =
-# 2.5e-7, over four float32 steps (6e-8 below 1): float32 ranks such pairs exactly.
-_FLOAT32_EXACT_LENGTH = 1000
+# The exact-score pass bounds every pair over characters 1..255 (`RougeIndex._small_alphabet`):
+# rapidfuzz looks those up in a flat table, others in a hash map (half the speed). The most
+# frequent tokens keep their own character; 64 left 3,549 pairs on 2,000 Alpaca instructions
+# with a bound at or above the row's best, against 6,993 for 224 (fewer shared ones collide more).
+_SMALL_ALPHABET = 255
+_DISTINCT_CODES = 64
+# A bound is a float32 (rounded by at most 6e-8 below 1): pairs within this of a row's floor
+# are scored exactly too, so rounding never hides a pair that ties or beats it.
+_BOUND_MARGIN = 1e-6
+# Rounds of scoring each row's highest bounds before the rest is scored at once (`_score_by_bound`).
+_BOUND_ROUNDS = 3
 _EXAMPLE_CHARS = 40  # a text quoted in a warning is cut to this many characters
 
 
@@ -203,14 +219,14 @@ def tokenize(text: str, tokenizer: str = "multilingual") -> list[str]:
 
 def _tokenize_all(texts: list[str], tokenizer: str) -> list[list[str]]:
     """`tokenize(text, tokenizer)` of each text. The ASCII ones (where every tokenizer is
-    rouge_score's: lowercase, runs of [^a-z0-9] separate) go through one lower() and one regex
-    pass over their concatenation, split back at a separator no such text contains: on a
-    million texts that is several times faster than a regex call per text."""
+    rouge_score's: lowercase, runs of [^a-z0-9] separate) go through one byte-table pass over
+    their concatenation, split back at a separator no such text contains: on a million texts
+    that is several times faster than a regex call per text."""
     if tokenizer not in TOKENIZERS:
         return [tokenize(text, tokenizer) for text in texts]
     simple = [text.isascii() and _BATCH_SEPARATOR not in text for text in texts]
-    joined = _BATCH_SEPARATOR.join([text for text, ok in zip(texts, simple) if ok]).lower()
-    parts = iter(_BATCH_NON_ALNUM_RE.sub(" ", joined).split(_BATCH_SEPARATOR) if any(simple) else ())
+    joined = _BATCH_SEPARATOR.join([text for text, ok in zip(texts, simple) if ok]).encode("ascii")
+    parts = iter(joined.translate(_ASCII_TOKEN_BYTES).decode("ascii").split(_BATCH_SEPARATOR) if any(simple) else ())
     return [next(parts).split() if ok else tokenize(text, tokenizer) for text, ok in zip(texts, simple)]
 
 
@@ -493,6 +509,16 @@ class RougeIndex:
         self._pending.extend(self._append([(item_id, text)], [seq]))
         self._maybe_reorder()
 
+    def add_all(self, items: list[tuple[str, str]]) -> None:
+        """`add` for each `(item_id, text)` in order, in one pass (a filter's seeds)."""
+        if not items:
+            return
+        texts = [text for _, text in items]
+        seqs = self._encode_block(texts)
+        self._count_tokenless(texts, seqs)
+        self._pending.extend(self._append(items, seqs))
+        self._maybe_reorder()
+
     def _count_tokenless(self, texts: list[str], seqs: list[str]) -> None:
         self.texts_seen += sum(map(bool, map(str.strip, texts)))  # C-level loops: called per block
         if "" not in seqs:
@@ -567,7 +593,11 @@ class RougeIndex:
         start, end = len(self._vocab), len(self._vocab) + len(tokens)
         if end > MAX_VOCAB:
             raise ValueError(f"more than {MAX_VOCAB:,} distinct tokens; the index cannot hold more")
-        self._vocab.update(zip(tokens, map(_id_char, range(start, end))))
+        # Every new id's character at once (the `_id_char` rule on an array: one decode, not a
+        # call per token; a million-record filter adds a few hundred thousand tokens).
+        codes = np.arange(start, end, dtype=np.uint32)
+        codes += (codes >= _SURROGATES_START) * np.uint32(_SURROGATES_SIZE)
+        self._vocab.update(zip(tokens, codes.tobytes().decode("utf-32-le")))
         while end > len(self._rank):
             self._rank = np.concatenate([self._rank, np.zeros(len(self._rank), dtype=np.int64)])
             self._doc_freq = np.concatenate([self._doc_freq, np.zeros(len(self._doc_freq), dtype=np.int64)])
@@ -933,29 +963,58 @@ class RougeIndex:
     def exact_best_earlier(self, positions: list[int], chunk: int = 256) -> list[tuple[float, str | None]]:
         """Exact highest ROUGE-L F1 of pool member `p` against pool members added before it, for each p.
 
-        No pruning: this compares against everything earlier (all cores, C++), so its cost is
-        the number of such pairs; the filter stage calls it only when that is affordable. Rows
-        go in position order, `chunk` at a time, each against the members before its last row.
+        Rows go in position order, `chunk` at a time. Each chunk is bounded against every earlier
+        member in one rapidfuzz call over the small alphabet (`_small_alphabet`), and only the
+        pairs whose bound reaches the exact score of the row's best-bounded pair are scored on
+        the real tokens: on 2,000 Alpaca instructions ~3 pairs a row instead of ~1,000.
         """
         out: dict[int, tuple[float, str | None]] = {}
         ordered = sorted(set(positions))
-        for start in range(0, len(ordered), chunk):
-            rows = ordered[start:start + chunk]
-            out.update(zip(rows, self._exact_best_rows(rows)))
+        if not ordered:
+            return []
+        small = self._small_alphabet(ordered[-1] + 1)
+        chunks = [ordered[start:start + chunk] for start in range(0, len(ordered), chunk)]
+        # Chunks run on every core this process may use (as rapidfuzz's workers=-1 would), one
+        # thread each: rapidfuzz and numpy release the GIL, so one chunk's bound matrix is
+        # sifted while another's is computed, which rapidfuzz's own threads cannot overlap.
+        threads = min(len(chunks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                scored = list(pool.map(lambda rows: self._exact_best_rows(rows, small), chunks))
+        else:
+            scored = [self._exact_best_rows(rows, small) for rows in chunks]
+        for rows, results in zip(chunks, scored):
+            out.update(zip(rows, results))
         return [out[p] for p in positions]
 
-    def _exact_best_rows(self, rows: list[int]) -> list[tuple[float, str | None]]:
-        """`exact_best_earlier` for ascending positions `rows`, in one rapidfuzz call.
+    def _small_alphabet(self, end: int) -> list[str]:
+        """The pool sequences before `end` rewritten over characters 1..255 (`_SMALL_ALPHABET`).
 
-        rapidfuzz's Indel normalized similarity is 1 - (m+n-2*LCS)/(m+n) = 2*LCS/(m+n), the
-        ROUGE-L F1 as a rational: the double quotient of equal rationals is the same, and two
-        different ones with m + n <= T differ by at least 1/T**2, more than a float32 step for
-        sequences up to _FLOAT32_EXACT_LENGTH tokens (float64 above), so the matrix ranks pairs
-        exactly (equal true scores tie, unequal ones never swap). Only
-        each row's best-ranked pairs then get rouge_score's own float formula, which decides
-        among exact ties (it may differ between them in the last bit), then the earliest wins.
-        Before, this pass computed int distances and a float64 ratio matrix in numpy, and cost
-        more than the filter's decisions on 2,000 records.
+        The `_DISTINCT_CODES` most frequent tokens keep a character of their own; the others share
+        the remaining ones by frequency rank. Any common subsequence stays one after the rewrite,
+        so the LCS over it bounds the true one from above (shared codes can only add matches),
+        and rapidfuzz reads characters below 256 from a flat table instead of a hash map: the
+        whole-pool bound costs about half of scoring every pair on the real ids.
+        """
+        tokens, lengths = _token_ids(self._seqs[:end])
+        counts = np.bincount(tokens, minlength=len(self._vocab))
+        rank = np.empty(len(counts), dtype=np.int64)
+        rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+        shared = _SMALL_ALPHABET - _DISTINCT_CODES
+        code = np.where(rank < _DISTINCT_CODES, rank, _DISTINCT_CODES + (rank - _DISTINCT_CODES) % shared) + 1
+        text = code[tokens].astype(np.uint8).tobytes().decode("latin-1")
+        ends = np.cumsum(lengths).tolist()
+        return [text[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+    def _exact_best_rows(self, rows: list[int], small: list[str]) -> list[tuple[float, str | None]]:
+        """`exact_best_earlier` for ascending positions `rows` (`small`: `_small_alphabet`).
+
+        The bound matrix (float32 2*LCS'/(m+n), LCS' over the small alphabet) is at least every
+        pair's true score less a float32 rounding. Per row, the exact score s of the pair with the
+        highest bound is a floor for its best, so only pairs with bound >= s (less a margin for
+        that rounding) can beat or tie it; those get the exact LCS and rouge_score's float
+        formula, which decides among exact ties (it may differ between them in the last bit),
+        then the earliest member wins, as the sequential scan's strict `>` keeps it.
         """
         from rapidfuzz import process
         from rapidfuzz.distance import Indel
@@ -963,22 +1022,48 @@ class RougeIndex:
         end = rows[-1]
         if end == 0:
             return [(0.0, None)] * len(rows)
-        lengths = self._length_array
-        dtype = np.float32 if self._longest <= _FLOAT32_EXACT_LENGTH else np.float64
-        ratio = process.cdist([self._seqs[p] for p in rows], self._seqs[:end], scorer=Indel.normalized_similarity,
-                              dtype=dtype, workers=-1)
-        for k, p in enumerate(rows):  # only earlier members count
-            ratio[k, p:] = -1.0
-        best = ratio.max(axis=1)
-        r, c = np.nonzero(ratio == best[:, None])
-        m, n = lengths[np.asarray(rows)[r]], lengths[c]
-        lcs = np.rint(ratio[r, c].astype(np.float64) * (m + n) / 2).astype(np.int64)
-        f1 = _f1_from_lcs(lcs, m, n)
+        row_array = np.asarray(rows)
+        bound = process.cdist([small[p] for p in rows], small[:end], scorer=Indel.normalized_similarity,
+                              dtype=np.float32, workers=1)
+        if end > rows[0]:  # members from the first row on count only for the rows after them
+            bound[:, rows[0]:end][np.arange(rows[0], end) >= row_array[:, None]] = -1.0
+        top = bound.argmax(axis=1)
+        floor = self._scores(self._seq_array, self._seq_array, row_array, top, self._length_array, self._length_array)
+        level = np.maximum(floor - _BOUND_MARGIN, _BOUND_MARGIN)  # a score of 0 is never reported
+        # flatnonzero, then divmod: numpy's 2-D nonzero was six times slower on this matrix.
+        r, c = np.divmod(np.flatnonzero(bound >= level[:, None].astype(np.float32)), end)
+        r, c, f1 = self._score_by_bound(row_array, r, c, bound[r, c], floor)
         order = np.lexsort((c, -f1, r))
         first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
-        chosen = dict(zip(r[first].tolist(), zip(f1[first].tolist(), c[first].tolist())))
-        out = []
-        for k, p in enumerate(rows):
-            score, j = chosen.get(k, (0.0, None))
-            out.append((score, self._ids[j]) if p and lengths[p] and score > 0 else (0.0, None))
+        out = [(0.0, None)] * len(rows)
+        for k, score, j in zip(r[first].tolist(), f1[first].tolist(), c[first].tolist()):
+            if score > 0:
+                out[k] = (score, self._ids[j])
         return out
+
+    def _score_by_bound(self, rows: np.ndarray, r: np.ndarray, c: np.ndarray, bound: np.ndarray,
+                        floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact scores of the candidate pairs (rows[r], c) (r ascending) that can still tie or beat their
+        row's floor: `(r, c, f1)` of those scored, highest bounds first.
+
+        Each round scores every row's highest-bound pairs and raises the floor to what they
+        score; a pair whose bound has fallen below its row's floor is dropped unscored. A few
+        rounds suffice: the rest is scored at once.
+        """
+        done: list[tuple[np.ndarray, ...]] = []
+        for _ in range(_BOUND_ROUNDS):
+            if not len(r):
+                break
+            starts = np.flatnonzero(np.append(True, r[1:] != r[:-1]))
+            best_bound = np.repeat(np.maximum.reduceat(bound, starts), np.diff(np.append(starts, len(r))))
+            now = bound >= best_bound - _BOUND_MARGIN
+            f1 = self._scores(self._seq_array, self._seq_array, rows[r[now]], c[now], self._length_array,
+                              self._length_array)
+            np.maximum.at(floor, r[now], f1)
+            done.append((r[now], c[now], f1))
+            later = ~now & (bound >= floor[r] - _BOUND_MARGIN)
+            r, c, bound = r[later], c[later], bound[later]
+        if len(r):
+            done.append((r, c, self._scores(self._seq_array, self._seq_array, rows[r], c, self._length_array,
+                                            self._length_array)))
+        return tuple(np.concatenate(parts) for parts in zip(*done)) if done else (r, c, np.zeros(0))

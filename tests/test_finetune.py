@@ -104,6 +104,61 @@ def test_response_loss_matches_the_full_model_loss(tiny):
     assert float(ours) / n == pytest.approx(float(reference), abs=1e-5)
 
 
+def test_packed_response_loss_equals_plain_cross_entropy_over_full_logits(tiny):
+    """Loss and hits over response positions only equal cross-entropy over every position's logits."""
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = tiny
+    model.eval()
+    records = RECORDS[:3] + [{"instruction": "日本の首都は？", "output": "東京です。"}]
+    examples = [encode_example(r, tok, "alpaca", 512) for r in records]
+    batch = collate([[0, 3], [1, 2]], examples, tok.pad_token_id)
+    # The reference isolates records with the explicit block-diagonal mask, not by position_ids.
+    masked = collate([[0, 3], [1, 2]], examples, tok.pad_token_id, block_mask=True)
+    with torch.no_grad():
+        ours, correct, n = make_loss_module(model)(**without_counts(batch))
+        logits = model(input_ids=masked["input_ids"], position_ids=masked["position_ids"],
+                       attention_mask=masked["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        keep = targets != -100
+        hits = int((logits.argmax(-1)[keep] == targets[keep]).sum())
+    assert n == int(keep.sum()) == sum(e.num_trained_tokens for e in examples)
+    assert float(ours) == pytest.approx(float(reference), rel=1e-6)
+    assert int(correct) == hits
+
+
+def test_the_optimizer_is_fused_adamw_with_the_plain_update(tiny_model_dir):
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.training import make_trainer
+
+    def one_step(fused_expected: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trainer = make_trainer(make_loss_module(model), Accelerator(cpu=True), "fp32", lr=1e-2, weight_decay=0.1,
+                               schedule="constant", warmup_ratio=0.0, total_steps=1)
+        assert bool(trainer.optimizer.defaults["fused"]) is fused_expected
+        ids = torch.arange(2, 12)[None]
+        loss_sum, _, _ = trainer.module(input_ids=ids, labels=ids, position_ids=torch.arange(10)[None])
+        loss_sum.backward()
+        trainer.optimizer.step()
+        return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    fused = one_step(True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    ids = torch.arange(2, 12)[None]
+    make_loss_module(model)(input_ids=ids, labels=ids, position_ids=torch.arange(10)[None])[0].backward()
+    plain.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(fused[name], p.detach(), atol=1e-6), name
+
+
 def test_position_ids_are_honoured_on_cpu(tiny):
     assert packing_honoured(tiny[0], "cpu")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import models
 from pipeline.errors import UserError
 from pipeline.models import (ADAPTER_CONFIG, ADAPTER_DIR, EMBEDDED_MODEL, adapter_base, adapter_folder, portable_name,
                              resolve_model)
@@ -117,3 +118,63 @@ def test_a_local_folder_named_like_a_hub_id_is_the_local_folder(tmp_path, tiny_m
 def test_a_missing_path_that_is_no_hub_id_says_what_model_takes(name):
     with pytest.raises(UserError, match="not a local model folder nor a hub id"):
         resolve_model(name)
+
+
+# ----------------------------------------------------------------------------- threads and precision
+
+
+def fake_cpu(monkeypatch, tmp_path, flags: str, amx_tiles: bool = False) -> None:
+    """/proc/cpuinfo listing `flags` for each of two cores, and torch's AMX probe answering `amx_tiles`."""
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(f"processor\t: {i}\nflags\t\t: {flags}\n\n" for i in range(2)), encoding="utf-8")
+    monkeypatch.setattr(models, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_tiles)
+
+
+@pytest.mark.parametrize("flags, amx_tiles, expected", [
+    ("fpu avx2 avx512f avx512_vnni avx512_bf16 sse", False, "bf16"),  # AMD Zen 4
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile sse", False, "bf16"),  # Sapphire Rapids
+    ("fpu avx2 avx512f avx512_vnni sse", True, "bf16"),  # AMX seen by torch only
+    ("fpu avx2 avx512f avx512_vnni sse", False, "fp32"),  # AVX-512 without BF16: emulated bf16 is slower
+    ("fpu avx2 fma sse", False, "fp32"),
+])
+def test_local_precision_is_bf16_only_where_bf16_matmuls_are_native(
+        monkeypatch, tmp_path, flags, amx_tiles, expected):
+    fake_cpu(monkeypatch, tmp_path, flags, amx_tiles)
+    assert models.local_dtype("cpu") == expected
+    assert models.local_dtype("cpu", "fp32") == "fp32" and models.local_dtype("cpu", "bf16") == "bf16"
+
+
+def test_a_cpu_without_cpuinfo_stays_fp32(monkeypatch, tmp_path):
+    fake_cpu(monkeypatch, tmp_path, "")
+    monkeypatch.setattr(models, "CPUINFO", str(tmp_path / "absent"))
+    assert models.cpu_flags() == set() and models.local_dtype("cpu") == "fp32"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx2 avx512f avx512_vnni avx512_bf16 sse", "bf16"),  # AMD Zen 4: bf16 autocast trains 2.7x faster
+    ("fpu avx2 avx512f avx512_vnni sse", "fp32"),  # bf16 would be emulated
+])
+def test_training_precision_follows_the_cpu_unless_asked(monkeypatch, tmp_path, flags, expected):
+    fake_cpu(monkeypatch, tmp_path, flags)
+    assert models.training_precision("cpu") == expected
+    assert models.training_precision("cpu", "fp32") == "fp32" and models.training_precision("cpu", "bf16") == "bf16"
+
+
+@pytest.mark.parametrize("load, threads", [(0.0, 2), (0.7, 2), (0.99, 2), (1.0, 1), (1.6, 1), (9.0, 1)])
+def test_threads_are_the_cores_not_kept_busy_by_other_work(monkeypatch, load, threads):
+    # An idle container reads a load average of 0.5-0.7: it must still get both cores.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert models.free_cores() == threads
+
+
+@pytest.mark.parametrize("setting, threads", [("3", 3), ("1", 1), ("0", 2), ("many", 2), ("", 2)])
+def test_omp_num_threads_wins_when_it_is_a_positive_count(monkeypatch, setting, threads):
+    monkeypatch.setenv("OMP_NUM_THREADS", setting)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.6, 0.0, 0.0))
+    assert models.free_cores() == threads

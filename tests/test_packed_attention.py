@@ -82,6 +82,44 @@ def test_no_row_wide_mask_and_no_query_longer_than_a_record(tiny_pair, monkeypat
     assert max(length for _, length in seen) < batch["input_ids"].shape[1]
 
 
+def test_under_bf16_autocast_scores_are_fp32_and_records_stay_isolated(tiny_pair, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = tiny_pair
+    examples = [encode_example(r, tok, "alpaca", 512) for r in RECORDS]
+    batch = collate([[0, 1, 2], [3, 4]], examples, tok.pad_token_id)
+    fp32_loss, _, _ = loss_and_grads(model, batch)
+    use_packed_attention(model)
+    dtypes = []
+    real = F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kw):
+        dtypes.append(query.dtype)
+        return real(query, key, value, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, _, grads = loss_and_grads(model, batch)
+        alone = sum(loss_and_grads(model, collate([[i]], examples, tok.pad_token_id))[0] for i in range(len(RECORDS)))
+    assert dtypes and set(dtypes) == {torch.float32}  # the kernel ran in fp32, inside bf16 autocast
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    assert packed == pytest.approx(alone, rel=1e-3)
+    assert packed == pytest.approx(fp32_loss, rel=2e-2)  # bf16 projections round at ~3 significant digits
+    # Isolation, token by token: the second record's hidden states packed behind the first are
+    # those it gets alone; with positions running on (no isolation) they are far off.
+    decoder, first, second = model.get_decoder(), len(examples[0].input_ids), len(examples[1].input_ids)
+    row, single = collate([[0, 1]], examples, tok.pad_token_id), collate([[1]], examples, tok.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        def hidden(b, positions):
+            return decoder(input_ids=b["input_ids"], position_ids=positions).last_hidden_state.float()
+        packed_hidden = hidden(row, row["position_ids"])[0, first:first + second]
+        leaky_hidden = hidden(row, torch.arange(first + second)[None])[0, first:first + second]
+        alone_hidden = hidden(single, single["position_ids"])[0]
+    assert (packed_hidden - alone_hidden).abs().max() < 1e-2
+    assert (leaky_hidden - alone_hidden).abs().max() > 1e-1
+
+
 def test_generation_with_left_padding_is_unchanged(tiny_pair):
     import torch
 

@@ -541,6 +541,78 @@ def test_exact_best_earlier_is_exact_on_japanese_tokens():
     assert any(score > 0.7 for score, _ in got)  # the pairs' near-duplicates are found, exactly
 
 
+class OurTokens:
+    """rouge_score's tokenizer interface over ours, so its own scorer scores the tokens the index sees."""
+
+    def __init__(self, tokenizer: str):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize(text, self.tokenizer)
+
+
+def rouge_score_best_earlier(texts: list[str], scorer) -> list[tuple[float, str | None]]:
+    """Per text, rouge_score's highest fmeasure against every earlier text, and the first one with it."""
+    out = []
+    for p, text in enumerate(texts):
+        scores = [scorer.score(texts[j], text)["rougeL"].fmeasure for j in range(p)]
+        best = max(scores, default=0.0)
+        out.append((best, f"t{scores.index(best)}") if best > 0 else (0.0, None))
+    return out
+
+
+def texts_beyond_the_small_alphabet(rng, words: list[str], count: int) -> list[str]:
+    """`count` texts over more than 255 distinct words (so the exact pass's bound shares codes
+    between words and overestimates), a few words frequent (many ties), and pairs at exactly 0.7:
+    a text of 8 words and one keeping 7 of them plus 5 new ones (LCS 7 of 8 + 12)."""
+    texts: list[str] = []
+    while len(texts) < count:
+        if len(texts) >= 2 and rng.random() < 0.25:
+            base = rng.sample(words[8:], 8)
+            kept = base[:3] + base[4:]
+            texts += [" ".join(base), " ".join(kept[:4] + rng.sample(words[8:], 5) + kept[4:])]
+        else:
+            texts.append(" ".join(rng.choice(words[:8]) if rng.random() < 0.4 else rng.choice(words)
+                                  for _ in range(rng.randint(0, 14))))
+    return texts[:count]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([1, 7, 256]))
+def test_exact_best_earlier_equals_rouge_score_over_shared_small_alphabet_codes(seed, chunk):
+    rng = __import__("random").Random(seed)
+    words = [f"w{i}" for i in range(700)]
+    texts = texts_beyond_the_small_alphabet(rng, words, 100)
+    index = RougeIndex(0.7, "rouge")
+    index.add_all([(f"t{i}", text) for i, text in enumerate(texts)])
+    assert len({token for text in texts for token in text.split()}) > similarity._SMALL_ALPHABET
+    got = index.exact_best_earlier(list(range(len(texts))), chunk=chunk)
+    expected = rouge_score_best_earlier(texts, rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False))
+    assert got == expected  # bit for bit, and the first of equal scores
+    assert any(score == rouge_l(["a"] * 7 + ["b"], ["a"] * 7 + ["c"] * 5) for score, _ in got)  # ties at 0.7
+
+
+def test_exact_best_earlier_equals_rouge_score_on_japanese_beyond_the_small_alphabet():
+    # Random Japanese over ~300 kanji and kana: hundreds of reading bigrams, scored by rouge_score's
+    # own scorer through our tokenizer (its default one gives Japanese no tokens at all).
+    rng = __import__("random").Random(11)
+    characters = [chr(c) for c in range(0x4E00, 0x4E00 + 2000, 7)] + [chr(c) for c in range(0x3041, 0x3094)]
+    stems = ["".join(rng.choice(characters) for _ in range(rng.randint(3, 12))) for _ in range(50)]
+    texts = []
+    for stem in stems:
+        texts.append(f"次の{stem}を説明してください。")
+        if rng.random() < 0.4:  # a near copy: one character changed
+            k = rng.randrange(len(stem))
+            texts.append(f"次の{stem[:k]}{rng.choice(characters)}{stem[k + 1:]}を説明してください。")
+    index = RougeIndex(0.7, "multilingual")
+    index.add_all([(f"t{i}", text) for i, text in enumerate(texts)])
+    assert len({token for text in texts for token in tokenize(text, "multilingual")}) > similarity._SMALL_ALPHABET
+    got = index.exact_best_earlier(list(range(len(texts))), chunk=32)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=OurTokens("multilingual"))
+    assert got == rouge_score_best_earlier(texts, scorer)
+    assert any(score > 0.7 for score, _ in got)
+
+
 def test_rouge_tokenizer_warns_with_counts_when_japanese_gives_no_tokens(capsys):
     index = RougeIndex(0.7, "rouge")
     index.add("s1", "Give three tips for staying healthy.")
