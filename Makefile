@@ -148,10 +148,13 @@ $(DPO_RUN)/model.safetensors: $(PREFS) $(RUN)/model.safetensors | setup
 		--seed $(SEED) $(call resume_or_overwrite,$(DPO_RUN),$(PREFS) $(RUN)/model.safetensors)
 
 # The DPO model against the SFT model it started from, on the same unseen tasks, with the judge's
-# pairwise verdicts in both orders (win rate, ties, flips).
+# pairwise verdicts in both orders (win rate, ties, flips). JUDGE_SCORING=auto reads the local judge's
+# verdicts from its next-token probabilities (one forward pass each) and asks a server for text.
+DPO_EVAL_LIMIT ?= $(EVAL_LIMIT)
+JUDGE_SCORING ?= auto
 $(DPO_RUN)/eval.json: $(DPO_RUN)/model.safetensors | setup
 	$(PY) -m pipeline eval --model $(DPO_RUN) --baseline $(RUN) --data $(EVAL_DATA) --seeds $(SEEDS) \
-		--limit $(EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@ \
+		--limit $(DPO_EVAL_LIMIT) --max-new-tokens $(MAX_NEW_TOKENS) --out $@ --judge-scoring $(JUDGE_SCORING) \
 		--judge-backend $(JUDGE_BACKEND) --judge-model $(JUDGE_MODEL) $(if $(JUDGE_BASE_URL),--judge-base-url $(JUDGE_BASE_URL))
 
 $(RUN)/eval.json: $(RUN)/model.safetensors | setup
@@ -184,7 +187,8 @@ DEMO_VARS = N=$(call demo_size,N,40) EPOCHS=$(call demo_size,EPOCHS,1) LR=$(call
 	EVAL_DATA=$(call demo_size,EVAL_DATA,heldout) \
 	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/judged.jsonl) \
 	PREFS_LIMIT=$(call demo_size,PREFS_LIMIT,24) PREFS_MAX_TOKENS=$(call demo_size,PREFS_MAX_TOKENS,128) \
-	CONFIRM=$(call demo_size,CONFIRM,--no-confirm) DPO_LR=$(call demo_size,DPO_LR,5e-6)
+	CONFIRM=$(call demo_size,CONFIRM,--no-confirm) DPO_LR=$(call demo_size,DPO_LR,5e-6) \
+	DPO_EVAL_LIMIT=$(call demo_size,DPO_EVAL_LIMIT,16)
 DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejected.jsonl \
 	data/filtered_instructions.jsonl data/filtered_instructions.rejected.jsonl data/filter_report.json \
 	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/judged.jsonl data/judged.rejected.jsonl \

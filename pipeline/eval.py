@@ -81,6 +81,7 @@ BREAKDOWNS = ("language", "kind", "source")
 CLASSIFICATION = "classification"
 UNLIMITED_LENGTH = 1 << 30  # no cut: a reference's own token ids, whatever --max-length is
 DEFAULT_JUDGE_MODEL = "SmolLM2-135M-Instruct"  # the embedded model, as every stage's default backend
+PRECISION_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 JUDGE_CACHE = "judge_cache"  # beside eval.json: a rerun replays the judge's answers instead of paying again
 
 PREDICTION_FIELDS = {
@@ -108,7 +109,9 @@ class Config:
     limit: int | None = option(None, "evaluate only the first N records", min=1)
     seeds: str = option(DEFAULT_SEEDS, f"the seed file `--data {SEEDS_DATA}` and `--data {HELDOUT_DATA}` read")
     device: str = option("auto", "cuda, mps, cpu, or auto")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "weights' precision (auto: bf16 on a GPU that has it, else fp32)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "weights' precision (auto: bf16 on a GPU that has it; on a CPU fp32, except that answers are generated "
+                "in bf16 where bf16 matmuls are native, as the local backend serves them)")
     judge_backend: Literal["local", "openai"] | None = option(None, "judge tuned against base on every record with this "
                                                                   "backend (pairwise, both orders; see pipeline.win_rate)")
     judge_base_url: str | None = option(None, "the judge's OpenAI-compatible server (default: $OPENAI_BASE_URL)")
@@ -328,7 +331,9 @@ def print_counts(counts: dict) -> None:
             c = counts[label]
             print(f"{label}: {c['scored_records']:,} records teacher-forced ({c['dropped']} dropped, {c['truncated']} truncated, "
                   f"{c['response_tokens']:,} response tokens); {c['generated_tokens']:,} tokens generated, "
-                  f"{c['hit_max_new_tokens']} answers hit --max-new-tokens, {c['empty_predictions']} empty; {c['seconds']:.1f} s")
+                  f"{c['hit_max_new_tokens']} answers hit --max-new-tokens, {c['empty_predictions']} empty; {c['seconds']:.1f} s"
+                  + (f" (teacher-forced in {c['precision']['teacher_forced']}, generated in {c['precision']['generate']})"
+                     if "precision" in c else ""))
             print(f"{label}: cut per language: {describe_cuts(c['by_language'])}")
 
 
@@ -392,6 +397,9 @@ def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: st
     try:
         sums, record_sums, tf_counts = teacher_forced(model, tokenizer, records, template,
                                                       resolved["max_length"], cfg.batch_size, label)
+        precisions = {"teacher_forced": PRECISION_NAMES.get(str(model.dtype), str(model.dtype))}
+        model = model.to(generation_dtype(cfg, model))
+        precisions["generate"] = PRECISION_NAMES.get(str(model.dtype), str(model.dtype))
         predictions, gen_counts, answer_ids = generate_answers(model, tokenizer, records, template,
                                                                cfg.max_new_tokens, cfg.batch_size, label)
         eos_ids = eos_token_ids(model, tokenizer)
@@ -405,7 +413,22 @@ def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: st
     seconds = round(time.perf_counter() - started, 2)
     own = [refs[0] for refs in data.references]
     cuts = eval_cuts(tokenizer, records, own, data.languages, template, resolved["max_length"], cfg.max_new_tokens)
-    return ModelScores(metrics, predictions, record_sums, hits, {**tf_counts, **gen_counts, "by_language": cuts, "seconds": seconds})
+    return ModelScores(metrics, predictions, record_sums, hits, {**tf_counts, **gen_counts, "by_language": cuts,
+                                                                 "precision": precisions, "seconds": seconds})
+
+
+def generation_dtype(cfg: Config, model):
+    """The precision answers are generated in: the loaded one, except bf16 on a CPU with bf16 matmul
+    units under --dtype auto. Generation is most of eval's time and bf16 decodes 2.3x faster there
+    (bench/bench_local.py), choosing fp32's next token at 98% of positions; the teacher-forced
+    loss stays in fp32, where a small difference is the measure itself."""
+    import torch
+
+    from pipeline.models import cpu_has_bf16_matmul
+
+    if cfg.dtype == "auto" and model.device.type == "cpu" and cpu_has_bf16_matmul():
+        return torch.bfloat16
+    return model.dtype
 
 
 def reference_answer_ids(record: dict, reference: str, tokenizer, template: str, eos_ids: list[int]) -> list[int]:

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -42,6 +43,9 @@ EMBEDDED_LICENSE = "apache-2.0"
 # The Linux CPU feature flags of units that run bf16 matmuls natively (AVX-512 BF16 on AMD Zen 4
 # and Intel Cooper Lake, AMX tiles on Sapphire Rapids): there bf16 matmuls beat fp32 ones.
 CPUINFO = "/proc/cpuinfo"
+PROC_STAT = "/proc/stat"
+# How long free_cores() watches the CPUs before choosing a thread count (once per stage).
+BUSY_SAMPLE_SECONDS = 0.25
 AMX_CPU_FLAG = "amx_bf16"
 BF16_CPU_FLAGS = ("avx512_bf16", AMX_CPU_FLAG)
 # The local backend's precision on such CPUs: bf16 weights and matmuls, attention in fp32
@@ -210,16 +214,44 @@ def cpu_has_bf16_matmul() -> bool:
 def free_cores() -> int:
     """Threads for torch: OMP_NUM_THREADS when set, else the cores this process may use minus the
     cores other work keeps busy (at least 1): on a machine shared with other work, a full thread
-    pool oversubscribes the cores and every step waits for its slowest thread.
-
-    Busy cores are the whole part of the 1-minute load average: an idle container here reads
-    0.5-0.7, which rounding would count as a busy core, halving an idle 2-core machine's threads."""
+    pool oversubscribes the cores and every step waits for its slowest thread."""
     configured = os.environ.get("OMP_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cores - int(load))
+    busy = busy_cores()
+    if busy is None:  # no /proc/stat: the whole part of the 1-minute load average
+        busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def busy_cores(window: float = BUSY_SAMPLE_SECONDS) -> int | None:
+    """Cores other work keeps busy now: the machine's non-idle CPU time over `window` seconds,
+    which this process sleeps through, rounded to whole cores (None without /proc/stat).
+
+    Not the load average: it trails by a minute, so a stage started right after another one (as
+    `make demo` runs them) would count its predecessor's cores as busy and run on half of them."""
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return None
+    (idle_before, total_before, cpus), (idle_after, total_after, _) = first, second
+    busy_share = 1 - (idle_after - idle_before) / (total_after - total_before)
+    return round(max(0.0, busy_share) * cpus)
+
+
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, and how many CPUs it lists."""
+    try:
+        lines = Path(PROC_STAT).read_text(encoding="ascii", errors="replace").splitlines()
+        fields = [int(x) for x in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = sum(1 for line in lines[1:] if re.match(r"cpu\d", line))
+    return fields[3] + fields[4], sum(fields), max(cpus, 1)
 
 
 def use_free_cores() -> int:

@@ -167,6 +167,22 @@ def test_tiny_model_with_baseline_end_to_end(tmp_path, tiny_model_dir, other_mod
     assert all({"prediction", "baseline_prediction", "loss", "rouge_l"} <= set(r) for r in rows)
 
 
+@pytest.mark.parametrize("bf16_cpu, dtype, generated_in", [(True, "auto", "bf16"), (True, "fp32", "fp32"),
+                                                              (False, "auto", "fp32")])
+def test_answers_are_generated_in_bf16_only_where_bf16_is_native_and_the_loss_stays_fp32(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, bf16_cpu, dtype, generated_in):
+    from pipeline import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: bf16_cpu)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(write_jsonl(tmp_path / "v.jsonl", DATA_RECORDS)),
+                 "--out", str(out), "--limit", "3", "--max-new-tokens", "4", "--device", "cpu", "--dtype", dtype]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["counts"]["tuned"]["precision"] == {"teacher_forced": "fp32", "generate": generated_in}
+    assert result["metrics"]["loss"] == pytest.approx(teacher_forced_loss(tiny_model_dir, DATA_RECORDS[:3]), rel=1e-5)
+    assert f"generated in {generated_in})" in capsys.readouterr().out
+
+
 def test_settings_of_the_training_run_apply_and_a_cut_away_response_leaves_loss_absent(tmp_path, tiny_model_dir):
     model_dir = tmp_path / "run"
     model_dir.mkdir()

@@ -163,18 +163,49 @@ def test_training_precision_follows_the_cpu_unless_asked(monkeypatch, tmp_path, 
     assert models.training_precision("cpu", "fp32") == "fp32" and models.training_precision("cpu", "bf16") == "bf16"
 
 
+def fake_proc_stat(monkeypatch, tmp_path, busy_jiffies: int, idle_jiffies: int) -> None:
+    """A 2-CPU /proc/stat that advances by `busy_jiffies` and `idle_jiffies` while free_cores() sleeps."""
+    stat = tmp_path / "stat"
+
+    def write(busy: int, idle: int) -> None:
+        stat.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n"
+                        "intr 12345\n", encoding="ascii")
+
+    write(1000, 5000)
+    monkeypatch.setattr(models, "PROC_STAT", str(stat))
+    monkeypatch.setattr(models.time, "sleep", lambda seconds: write(1000 + busy_jiffies, 5000 + idle_jiffies))
+
+
+@pytest.mark.parametrize("busy, idle, cores_busy", [(0, 50, 0), (2, 48, 0), (25, 25, 1), (30, 20, 1), (50, 0, 2)])
+def test_busy_cores_are_the_non_idle_share_of_the_cpus_while_we_wait(monkeypatch, tmp_path, busy, idle, cores_busy):
+    fake_proc_stat(monkeypatch, tmp_path, busy, idle)
+    assert models.busy_cores() == cores_busy
+
+
+@pytest.mark.parametrize("busy, idle, threads", [(0, 50, 2), (25, 25, 1), (50, 0, 1)])
+def test_threads_are_the_cores_not_kept_busy_by_other_work_now(monkeypatch, tmp_path, busy, idle, threads):
+    # Not the load average: a stage started just after another must not count its predecessor's cores.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    fake_proc_stat(monkeypatch, tmp_path, busy, idle)
+    assert models.free_cores() == threads
+
+
 @pytest.mark.parametrize("load, threads", [(0.0, 2), (0.7, 2), (0.99, 2), (1.0, 1), (1.6, 1), (9.0, 1)])
-def test_threads_are_the_cores_not_kept_busy_by_other_work(monkeypatch, load, threads):
+def test_without_proc_stat_the_whole_part_of_the_load_average_is_busy(monkeypatch, tmp_path, load, threads):
     # An idle container reads a load average of 0.5-0.7: it must still get both cores.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(models, "PROC_STAT", str(tmp_path / "absent"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
     assert models.free_cores() == threads
 
 
 @pytest.mark.parametrize("setting, threads", [("3", 3), ("1", 1), ("0", 2), ("many", 2), ("", 2)])
-def test_omp_num_threads_wins_when_it_is_a_positive_count(monkeypatch, setting, threads):
+def test_omp_num_threads_wins_when_it_is_a_positive_count(monkeypatch, tmp_path, setting, threads):
     monkeypatch.setenv("OMP_NUM_THREADS", setting)
+    fake_proc_stat(monkeypatch, tmp_path, busy_jiffies=0, idle_jiffies=50)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "getloadavg", lambda: (0.6, 0.0, 0.0))
     assert models.free_cores() == threads
