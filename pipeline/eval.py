@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -106,7 +107,7 @@ class Config:
                                    min=2)
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens generated per answer", min=1)
     batch_size: int = option(DEFAULT_BATCH_SIZE, "records per forward pass and per generate call", min=1)
-    limit: int | None = option(None, "evaluate only the first N records", min=1)
+    limit: int | None = option(None, "evaluate only N records: the first of each language in turn", min=1)
     seeds: str = option(DEFAULT_SEEDS, f"the seed file `--data {SEEDS_DATA}` and `--data {HELDOUT_DATA}` read")
     device: str = option("auto", "cuda, mps, cpu, or auto")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
@@ -235,8 +236,23 @@ def load_eval_records(cfg: Config) -> list[dict]:
         # What finetune trains on, with the reference answer as the last turn.
         records = load_records(cfg.data, validate=training_record_validator(cfg.data, reference_last=True))
     if cfg.limit is not None:
-        records = records[: cfg.limit]
+        records = spread_over_languages(records, cfg.limit)
     return records
+
+
+def spread_over_languages(records: list[dict], limit: int) -> list[dict]:
+    """The first `limit` records, taken in turn from each language (file order within one) and
+    kept in file order: a short eval of a set that lists its English tasks first still scores
+    the Japanese ones."""
+    queues: dict[str, deque[int]] = {}
+    for i, record in enumerate(records):
+        queues.setdefault(language_of(reference_of(record)), deque()).append(i)
+    chosen: list[int] = []
+    while len(chosen) < min(limit, len(records)):
+        for queue in queues.values():
+            if queue and len(chosen) < limit:
+                chosen.append(queue.popleft())
+    return [records[i] for i in sorted(chosen)]
 
 
 def reference_of(record: dict) -> str:

@@ -183,6 +183,16 @@ def test_answers_are_generated_in_bf16_only_where_bf16_is_native_and_the_loss_st
     assert f"generated in {generated_in})" in capsys.readouterr().out
 
 
+def test_a_limit_takes_each_language_in_turn_and_keeps_the_file_order():
+    english = [{"instruction": f"Task {i}.", "output": f"Answer number {i}."} for i in range(5)]
+    japanese = [{"instruction": f"課題{i}。", "output": f"これは答え{i}です。"} for i in range(3)]
+    records = english + japanese  # a held-out set that lists its English tasks first
+    chosen = ev.spread_over_languages(records, 5)
+    assert chosen == [english[0], english[1], english[2], japanese[0], japanese[1]]
+    assert ev.spread_over_languages(records, 100) == records
+    assert ev.spread_over_languages(records, 1) == [english[0]]
+
+
 def test_settings_of_the_training_run_apply_and_a_cut_away_response_leaves_loss_absent(tmp_path, tiny_model_dir):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
