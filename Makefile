@@ -188,7 +188,7 @@ DEMO_VARS = N=$(call demo_size,N,40) EPOCHS=$(call demo_size,EPOCHS,1) LR=$(call
 	MAX_NEW_TOKENS=$(call demo_size,MAX_NEW_TOKENS,64) FILE=$(call demo_size,FILE,data/judged.jsonl) \
 	PREFS_LIMIT=$(call demo_size,PREFS_LIMIT,24) PREFS_MAX_TOKENS=$(call demo_size,PREFS_MAX_TOKENS,128) \
 	CONFIRM=$(call demo_size,CONFIRM,--no-confirm) DPO_LR=$(call demo_size,DPO_LR,5e-6) \
-	DPO_EVAL_LIMIT=$(call demo_size,DPO_EVAL_LIMIT,12)
+	DPO_EVAL_LIMIT=$(call demo_size,DPO_EVAL_LIMIT,8)
 DEMO_ARTIFACTS = data/machine_instructions.jsonl data/machine_instructions.rejected.jsonl \
 	data/filtered_instructions.jsonl data/filtered_instructions.rejected.jsonl data/filter_report.json \
 	data/alpaca_data.jsonl data/alpaca_data.rejected.jsonl data/judged.jsonl data/judged.rejected.jsonl \
