@@ -82,7 +82,6 @@ BREAKDOWNS = ("language", "kind", "source")
 CLASSIFICATION = "classification"
 UNLIMITED_LENGTH = 1 << 30  # no cut: a reference's own token ids, whatever --max-length is
 DEFAULT_JUDGE_MODEL = "SmolLM2-135M-Instruct"  # the embedded model, as every stage's default backend
-PRECISION_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 JUDGE_CACHE = "judge_cache"  # beside eval.json: a rerun replays the judge's answers instead of paying again
 
 PREDICTION_FIELDS = {
@@ -404,7 +403,7 @@ def score_models(data: EvalSet, cfg: Config) -> tuple[ModelScores, ModelScores |
 
 def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: str) -> ModelScores:
     """Load one model, run both kinds of measure on the records, and free it again."""
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_model, load_tokenizer, precision_name
 
     started = time.perf_counter()
     records, template = data.records, resolved["template"]
@@ -413,9 +412,9 @@ def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: st
     try:
         sums, record_sums, tf_counts = teacher_forced(model, tokenizer, records, template,
                                                       resolved["max_length"], cfg.batch_size, label)
-        precisions = {"teacher_forced": PRECISION_NAMES.get(str(model.dtype), str(model.dtype))}
+        precisions = {"teacher_forced": precision_name(model.dtype)}
         model = model.to(generation_dtype(cfg, model))
-        precisions["generate"] = PRECISION_NAMES.get(str(model.dtype), str(model.dtype))
+        precisions["generate"] = precision_name(model.dtype)
         predictions, gen_counts, answer_ids = generate_answers(model, tokenizer, records, template,
                                                                cfg.max_new_tokens, cfg.batch_size, label)
         eos_ids = eos_token_ids(model, tokenizer)
@@ -440,9 +439,9 @@ def generation_dtype(cfg: Config, model):
     loss stays in fp32, where a small difference is the measure itself."""
     import torch
 
-    from pipeline.models import cpu_has_bf16_matmul
+    from pipeline.models import local_dtype
 
-    if cfg.dtype == "auto" and model.device.type == "cpu" and cpu_has_bf16_matmul():
+    if cfg.dtype == "auto" and model.device.type == "cpu" and local_dtype("cpu") == "bf16":
         return torch.bfloat16
     return model.dtype
 

@@ -62,7 +62,6 @@ TRIM_COLUMNS = 64
 # 21 tokens for SmolLM2) prefill that start once, not once per row.
 MIN_SHARED_PREFIX = 16
 ENGINE = f"torch-{'.'.join(torch.__version__.split('+')[0].split('.')[:2])} continuous-batching"
-PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # How provenance names bf16 weights with fp32 attention (models.BF16_FP32_ATTENTION).
 BF16_FP32_ATTENTION_NAME = "bf16 (fp32 attention)"
 
@@ -271,7 +270,8 @@ class LocalClient:
 
     def __init__(self, options: BackendOptions, dtype: str = "auto"):
         from pipeline.cpu_attention import use_fp32_attention
-        from pipeline.models import BF16_FP32_ATTENTION, load_model, load_tokenizer, local_dtype, use_free_cores
+        from pipeline.models import (BF16_FP32_ATTENTION, load_model, load_tokenizer, local_dtype, precision_name,
+                                     use_free_cores)
 
         self.options = options
         self.model = options.model
@@ -281,7 +281,7 @@ class LocalClient:
         self.tokenizer = load_tokenizer(options.model, padding_side="left")
         precision = local_dtype(options.device, dtype)
         self.lm = load_model(options.model, device=options.device, dtype=precision)
-        self.precision = PRECISIONS.get(self.lm.dtype, str(self.lm.dtype))
+        self.precision = precision_name(self.lm.dtype)
         self.cache_dtype = self.lm.dtype
         if precision == BF16_FP32_ATTENTION and use_fp32_attention(self.lm):
             self.precision, self.cache_dtype = BF16_FP32_ATTENTION_NAME, torch.float32

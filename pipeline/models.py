@@ -275,6 +275,11 @@ def pick_dtype(device: str, requested: str = "auto"):
     return torch.float32
 
 
+def precision_name(dtype) -> str:
+    """How provenance and reports name a torch dtype: fp32, bf16, fp16 (else torch's own name)."""
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), str(dtype))
+
+
 def training_precision(device: str, requested: str = "auto") -> str:
     """"bf16" (autocast over fp32 weights and Adam state) or "fp32". auto: bf16 on a GPU that has
     it and on a CPU with bf16 matmul units, where a packed SFT step measured 2.7x faster than in

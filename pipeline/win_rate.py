@@ -53,7 +53,7 @@ def compare(client, items: list[Compared], settings: JudgeSettings) -> Compariso
     """Pairwise verdicts in both orders and reference-guided scores for every item."""
     pairs = [Pair(item.key, item.instruction, item.tuned, item.base, item.input, item.reference, item.language)
              for item in items]
-    with progress(len(pairs), "judge: pairwise, both orders") as bar:
+    with progress(len(pairs), "judge: pairwise, both orders", "pair") as bar:
         verdicts: dict[str, Verdict] = {}
         for pair, verdict in pairwise_verdicts(client, pairs, settings):
             verdicts[pair.key] = verdict
@@ -72,7 +72,7 @@ def reference_scores(client, items: list[Compared], settings: JudgeSettings) -> 
     judged = [JudgeItem(f"{side}\x00{item.key}", item.instruction, getattr(item, side), item.input, item.reference,
                         item.language) for item in items for side in SIDES]
     out: dict[tuple[str, str], float | None] = {}
-    with progress(len(judged), "judge: scores against the reference") as bar:
+    with progress(len(judged), "judge: scores against the reference", "answer") as bar:
         for judge_item, judgement in judge_items(client, judged, settings):
             side, key = judge_item.key.split("\x00", 1)
             out[(side, key)] = judgement.score
@@ -80,10 +80,10 @@ def reference_scores(client, items: list[Compared], settings: JudgeSettings) -> 
     return out
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, unit: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="answer" if "scores" in desc else "pair", disable=None, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr)
 
 
 def summarize(verdicts: list[Verdict], compared: int, scores: dict[tuple[str, str], float | None]) -> dict:
