@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import metrics as M
+from pipeline.batching import length_groups, token_budget
 from pipeline.cards import refresh_model_card_eval
 from pipeline.config import option, to_dict, validate, write_resolved_config
 from pipeline.errors import UserError
@@ -504,16 +505,16 @@ def teacher_forced(model, tokenizer, records: list[dict], template: str, max_len
 
     encoded = [encode_example(r, tokenizer, template, max_length) for r in records]
     kept = [i for i, e in enumerate(encoded) if e.num_trained_tokens > 0]
-    # Similar lengths in one batch: little padding, and the longest batch runs first so an
-    # out-of-memory error comes at once rather than at the end.
-    kept.sort(key=lambda i: -len(encoded[i].input_ids))
+    # Similar lengths in one batch, within a padded-token budget (`batching.length_groups`):
+    # little padding, and the longest batch runs first so an out-of-memory error comes at once.
+    batches = [[kept[k] for k in group] for group in
+               length_groups([len(encoded[i].input_ids) for i in kept], token_budget(model.device), batch_size)]
     pad_id = tokenizer.pad_token_id
     device = model.device
     record_sums: list[tuple[float, int, int] | None] = [None] * len(records)
     loss_sum, correct, tokens = 0.0, 0, 0
     with torch.inference_mode(), tqdm(total=len(kept), desc=f"{label}: teacher-forced", unit="rec") as bar:
-        for start in range(0, len(kept), batch_size):
-            batch = kept[start: start + batch_size]
+        for batch in batches:
             width = max(len(encoded[i].input_ids) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), M.IGNORE_INDEX, dtype=torch.long)

@@ -47,6 +47,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.backends import BackendOptions, Request, Response, Totals, chat_messages
+from pipeline.batching import length_groups, token_budget
 
 # Requests are pulled this many batches ahead and their rows sorted by prompt length, so rows
 # prefilled together pad little, without pulling far ahead of a stage that builds prompts from
@@ -427,17 +428,22 @@ class LocalClient:
         """One forward pass instead of a generation: the first answer token's log-probabilities.
 
         Each row's top `top_logprobs` tokens plus its `logprob_tokens`; the text is the most
-        likely of them, as a one-token greedy answer would be. Left padding puts every row's
-        next token at the last position. Rows whose prompts differ in `templated` are encoded
-        apart, since one takes the special tokens and the other not.
+        likely of them, as a one-token greedy answer would be. Rows go in groups of similar
+        length (`batching.length_groups`: a 400-token English judge prompt is not padded to a
+        1,000-token Japanese one), left-padded so every row's next token is at the last
+        position. Rows whose prompts differ in `templated` are encoded apart, since one takes
+        the special tokens and the other not.
         """
         responses = []
         for templated in (True, False):
             part = [item for item in batch if item[2] == templated]
-            if part:
-                encoded = self.tokenizer([text for _, text, _ in part], return_tensors="pt", padding=True,
-                                         add_special_tokens=not templated).to(self.lm.device)
-                responses += self._score(part, encoded)
+            if not part:
+                continue
+            ids = self.tokenizer([text for _, text, _ in part], add_special_tokens=not templated)["input_ids"]
+            for group in length_groups([len(row) for row in ids], token_budget(self.lm.device), len(part)):
+                encoded = self.tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt",
+                                             padding_side="left").to(self.lm.device)
+                responses += self._score([part[i] for i in group], encoded)
         return responses
 
     def _score(self, batch: list[tuple[Request, str, bool]], encoded) -> list[Response]:

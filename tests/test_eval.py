@@ -225,11 +225,14 @@ def tiny(tiny_model_dir):
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
-def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny, template):
+@pytest.mark.parametrize("budget", [2048, 40])  # one padded batch; length groups (the Japanese record alone)
+def test_batched_teacher_forcing_equals_one_record_at_a_time(tiny, template, budget, monkeypatch):
     import torch
 
+    from pipeline import batching
     from pipeline.templates import encode_example
 
+    monkeypatch.setattr(batching, "CPU_TOKEN_BUDGET", budget)
     model, tokenizer = tiny
     records = DATA_RECORDS[:3]
     (loss_sum, correct, tokens), record_sums, counts = ev.teacher_forced(model, tokenizer, records, template, 512, 3, "t")

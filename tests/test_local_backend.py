@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import local_backend, models
+from pipeline import batching, local_backend, models
 from pipeline.backends import BackendOptions, Request, make_client, open_client
 from pipeline.cpu_attention import FP32_ATTENTION
 from pipeline.errors import UserError
@@ -93,6 +93,32 @@ def test_continuous_batching_answers_as_each_request_alone(tiny_model_dir, batch
     requests.append(Request("raw", prompt="昔々、ある村に", temperature=0, max_tokens=9))
     answers = {r.request.key: r.texts[0] for r in ask(client, *requests)}
     assert answers == {r.key: reference_greedy(client, r) for r in requests}
+
+
+def test_scored_prompts_go_in_length_groups_and_score_as_each_alone(tiny_model_dir, monkeypatch):
+    # A judge's prompts: short English ones and long Japanese ones (many tokens a character), mixed.
+    # Padded to the longest in one pass they would cost rows x 1,000 tokens; in length groups
+    # within the budget, a long one goes alone or with its like.
+    monkeypatch.setattr(batching, "CPU_TOKEN_BUDGET", 120)
+    client = exact_client(tiny_model_dir, batch_size=8)
+    texts = ["Score: 1-5?", "日本の四季について、それぞれの季節の特徴と代表的な行事を詳しく説明してください。" * 2,
+             "Is this right?", "富士山の高さと、登山に適した季節を教えてください。" * 2, "Answer A or B.",
+             "次の文章を英語に翻訳してください：猫は窓辺で昼寝をしています。"]
+    requests = [Request(f"r{i}", prompt=text, max_tokens=1, top_logprobs=5, logprob_tokens=("1", "A"))
+                for i, text in enumerate(texts)]
+    shapes = []
+    client.lm.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                        with_kwargs=True)
+    together = {r.request.key: r.top_logprobs[0] for r in ask(client, *requests)}
+    lengths = sorted((len(client.tokenizer(t)["input_ids"]) for t in texts), reverse=True)
+    assert len(shapes) > 1 and sum(rows for rows, _ in shapes) == len(texts)
+    assert all(rows == 1 or rows * width <= 120 for rows, width in shapes)
+    assert sum(rows * width for rows, width in shapes) < len(texts) * lengths[0]  # less than one padded batch
+    for request in requests:
+        [alone] = ask(exact_client(tiny_model_dir, batch_size=1), request)
+        assert together[request.key].keys() == alone.top_logprobs[0].keys()
+        for token, logprob in alone.top_logprobs[0].items():
+            assert together[request.key][token] == pytest.approx(logprob, abs=1e-4)
 
 
 def test_local_stop_strings_cut_the_text(tiny_model_dir):
