@@ -121,6 +121,34 @@ def test_scored_prompts_go_in_length_groups_and_score_as_each_alone(tiny_model_d
             assert together[request.key][token] == pytest.approx(logprob, abs=1e-4)
 
 
+@pytest.mark.parametrize("peaked", [True, False])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_the_nucleus_is_the_one_a_full_sort_gives(peaked, top_p):
+    # Peaked: the set lies among the first few hundred tokens; flat: it does not, and the
+    # whole vocabulary is sorted.
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(49_152, generator=generator) * (8.0 if peaked else 0.5)
+    probs = torch.softmax(logits, dim=-1)
+    ordered, order = torch.sort(probs, descending=True)
+    keep = (ordered.cumsum(dim=0) - ordered) < top_p
+    kept, ids = local_backend.nucleus(probs, top_p)
+    assert ids.tolist() == order[keep].tolist() and torch.equal(kept, ordered[keep])
+    assert (len(ids) < local_backend.NUCLEUS_PEEK) == peaked
+
+
+def test_sampling_draws_tokens_as_often_as_their_share_of_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
+    generator = torch.Generator().manual_seed(7)
+    request = Request("r", prompt="x", temperature=1.0, top_p=0.85)  # keeps the first three
+    draws = [local_backend._sample(logits, request, generator) for _ in range(6_000)]
+    shares = [draws.count(token) / len(draws) for token in range(5)]
+    for share, expected in zip(shares, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0, 0.0]):
+        assert share == pytest.approx(expected, abs=0.02)
+    everything = Request("r", prompt="x", temperature=1.0, top_p=1.0)
+    draws = [local_backend._sample(logits, everything, generator) for _ in range(6_000)]
+    assert draws.count(4) / len(draws) == pytest.approx(0.04, abs=0.01)
+
+
 def test_local_stop_strings_cut_the_text(tiny_model_dir):
     client = local_client(tiny_model_dir)
     [free] = ask(client, chat("a", "Hello there", temperature=0, max_tokens=12))
