@@ -218,6 +218,7 @@ bench: | setup
 	$(PY) bench/bench_filter.py
 	$(PY) bench/bench_client.py
 	$(PY) bench/bench_local.py
+	$(PY) bench/bench_batches.py
 	$(PY) bench/bench_sft.py --records 64
 	$(PY) bench/bench_dpo.py
 

@@ -136,6 +136,19 @@ def test_the_nucleus_is_the_one_a_full_sort_gives(peaked, top_p):
     assert (len(ids) < local_backend.NUCLEUS_PEEK) == peaked
 
 
+def test_the_nucleus_of_bf16_logits_holds_the_probabilities_a_full_sort_keeps():
+    # A bf16 model's logits tie often: tied tokens may come in another order than a sort's, and
+    # at the edge of the set one tied token may stand for another, but never a different probability.
+    generator = torch.Generator().manual_seed(2)
+    logits = (torch.randn(49_152, generator=generator) * 6.0).to(torch.bfloat16).float()
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    ordered, _ = torch.sort(probs, descending=True)
+    for top_p in (0.5, 0.95):
+        keep = (ordered.cumsum(dim=0) - ordered) < top_p
+        kept, ids = local_backend.nucleus(probs, top_p)
+        assert torch.equal(kept, ordered[keep]) and torch.equal(probs[ids], kept) and len(set(ids.tolist())) == len(ids)
+
+
 def test_sampling_draws_tokens_as_often_as_their_share_of_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
     generator = torch.Generator().manual_seed(7)
