@@ -27,7 +27,8 @@ PROBE_TOLERANCE = 1e-3  # fp32 differences from summation order are ~1e-6; leaka
 # Padded tokens (rows x longest) in one inference forward pass on a CPU. Padding, and attention
 # over it, is what a padded batch costs there; an equal-length batch costs no more than its rows
 # one by one. On 2 cores, 16 judge prompts of 400-1,000 tokens (English and Japanese) took 21 s
-# as one batch, 9 s in length groups of at most 2,048 tokens, 10 s of 4,096, 14 s of 8,192.
+# as one batch, 9 s in length groups of at most 2,048 tokens, 10 s of 4,096, 14 s of 8,192
+# (bench/bench_batches.py compares 2,048 with padded batches of 16).
 CPU_TOKEN_BUDGET = 2048
 # Elsewhere (a GPU) wide batches pay; this only keeps one pass's activations bounded (unmeasured:
 # no GPU was at hand).

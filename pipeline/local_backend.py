@@ -11,8 +11,9 @@ batch never waits on its longest answer while requests are waiting.
 How rows share one KV cache: every row is left-padded to the cache's length, and a 2D attention
 mask (1 = real token) with per-row position ids makes each row see only its own tokens, exactly
 as `model.generate` does with left padding. Joining rows are prefilled in groups of similar
-length within a padded-token budget (`batching.length_groups`) and written into free slots (the whole cache is padded on the left first when a joiner is longer than it); when
-nothing is waiting, finished rows are dropped from every tensor. The cache grows into
+length within a padded-token budget (`batching.length_groups`) and written into free slots (the
+whole cache is padded on the left first when a joiner is longer than it); when nothing is
+waiting, finished rows are dropped from every tensor. The cache grows into
 preallocated room (`_GrowingLayer`), so a decode step writes one column instead of copying the
 whole cache as transformers' `DynamicLayer` does.
 
@@ -22,9 +23,11 @@ place in the stream and the choice, so the same requests in the same order give 
 whatever else shares the batch.
 
 Requests asking for `top_logprobs` (the judge's G-Eval scores) take one forward pass instead of
-a generation (`_next_token`), in the same length groups: 16 judge prompts of 400-1,000 tokens
-took 21 s padded as one batch on 2 cores, 9 s in groups. Every answer names its engine and precision (`Response.engine`,
-`Response.precision`) for the records' provenance.
+a generation (`_next_token`), in the same length groups: 32 English and Japanese judge prompts
+took 73.5 s in padded batches of 16 on 2 cores and 17.6 s in groups (bench/bench_batches.py).
+Sampling draws from the top-p set found among the 256 most likely tokens when they hold `top_p`
+(`nucleus`; 19.5x a whole-vocabulary sort per token). Every answer names its engine and
+precision (`Response.engine`, `Response.precision`) for the records' provenance.
 
 Precision (`models.local_dtype`): on a CPU with bf16 matmul units (AVX-512 BF16 or AMX), bf16;
 fp32 on other CPUs. `LocalClient(dtype=...)` picks one explicitly, including bf16 weights with
