@@ -299,6 +299,9 @@ class LocalClient:
         # The pad token ends a row too, as it did when rows were right-padded by generate().
         self._eos |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         self._pulled = 0
+        # What an empty prompt starts from, as `model.generate` does: the model sees at least one token.
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        self._empty_prompt = [start] if start is not None else [self.tokenizer.pad_token_id]
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Response]:
         source = iter(requests)
@@ -344,7 +347,7 @@ class LocalClient:
             if request.top_logprobs:
                 scored.append((request, text, templated))
                 continue
-            prompt = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+            prompt = self.tokenizer(text, add_special_tokens=not templated)["input_ids"] or self._empty_prompt
             job = _Job(request, self._pulled, prompt, texts=[""] * request.n, reasons=[""] * request.n,
                        pending=request.n)
             rows += [_Row(job, choice, self._generator(request, job.index, choice)) for choice in range(request.n)]
@@ -451,7 +454,8 @@ class LocalClient:
             part = [item for item in batch if item[2] == templated]
             if not part:
                 continue
-            ids = self.tokenizer([text for _, text, _ in part], add_special_tokens=not templated)["input_ids"]
+            ids = [row or self._empty_prompt for row in
+                   self.tokenizer([text for _, text, _ in part], add_special_tokens=not templated)["input_ids"]]
             for group in length_groups([len(row) for row in ids], token_budget(self.lm.device), len(part)):
                 encoded = self.tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt",
                                              padding_side="left").to(self.lm.device)

@@ -162,6 +162,18 @@ def test_sampling_draws_tokens_as_often_as_their_share_of_the_nucleus():
     assert draws.count(4) / len(draws) == pytest.approx(0.04, abs=0.01)
 
 
+def test_an_empty_prompt_alone_starts_from_the_start_token(tiny_model_dir):
+    # Alone, an empty prompt once gave a zero-width prefill (a reshape error); the model starts
+    # from BOS (or EOS) as `model.generate` does. Generated and scored, and the same beside others.
+    client = exact_client(tiny_model_dir, batch_size=4)
+    [generated] = ask(client, Request("g", prompt="", temperature=0, max_tokens=3))
+    [scored] = ask(client, Request("s", prompt="", max_tokens=1, top_logprobs=3))
+    assert generated.error is None and generated.completion_tokens > 0 and len(scored.top_logprobs[0]) >= 3
+    together = {r.request.key: r for r in ask(client, Request("g", prompt="", temperature=0, max_tokens=3),
+                                               Request("x", prompt="日本語で", temperature=0, max_tokens=3))}
+    assert together["g"].texts == generated.texts
+
+
 def test_local_stop_strings_cut_the_text(tiny_model_dir):
     client = local_client(tiny_model_dir)
     [free] = ask(client, chat("a", "Hello there", temperature=0, max_tokens=12))
