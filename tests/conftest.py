@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random model with the embedded model's tokenizer, and small JSONL files.
+"""Shared fixtures: a tiny random model with the embedded model's tokenizer, small JSONL files, and
+rouge_score's own scorer over our tokens (the reference of the filter's and the index's scores).
 
 Fixtures for one module stay in that module; only what several test modules share lives here.
 """
@@ -14,6 +15,29 @@ import pytest
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+class OurTokens:
+    """rouge_score's tokenizer interface over ours, so its own scorer scores the tokens the index sees
+    (its default tokenizer gives Japanese no tokens at all)."""
+
+    def __init__(self, tokenizer: str):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str) -> list[str]:
+        from pipeline.similarity import tokenize
+
+        return tokenize(text, self.tokenizer)
+
+
+def rouge_score_best_earlier(texts: list[str], scorer) -> list[tuple[float, str | None]]:
+    """Per text, rouge_score's highest fmeasure against every earlier text, and the first one with it."""
+    out = []
+    for p, text in enumerate(texts):
+        scores = [scorer.score(texts[j], text)["rougeL"].fmeasure for j in range(p)]
+        best = max(scores, default=0.0)
+        out.append((best, f"t{scores.index(best)}") if best > 0 else (0.0, None))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.errors import InputError, UserError
 from pipeline.filter import Config, filter_instructions
 from pipeline.seeds import load_seeds
-from tests.conftest import write_jsonl
+from tests.conftest import OurTokens, rouge_score_best_earlier, write_jsonl
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -103,26 +103,14 @@ def test_kept_scores_are_exact_when_affordable_and_lower_bounds_otherwise(tmp_pa
         assert low["filter_max_rouge_l"] <= high["filter_max_rouge_l"]
 
 
-class Tokens:
-    """Our tokenizer behind rouge_score's scorer (its own gives Japanese no tokens at all)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def tokenize(self, text: str) -> list[str]:
-        from pipeline.similarity import tokenize
-
-        return tokenize(text, self.name)
-
-
 JAPANESE_STEMS = ["日本の首都について説明", "猫が好きな理由を三つ挙げ", "次の文章を英語に翻訳", "春に咲く花の名前を五つ書き",
                   "富士山の高さを答え", "この俳句の季語を指摘し", "東京から大阪までの行き方を教え", "味噌汁の作り方を説明し"]
 
 
 @pytest.mark.parametrize("tokenizer", ["rouge", "multilingual"])
 def test_kept_exact_scores_are_rouge_scores_against_the_pool_before_each(tokenizer, tmp_path):
-    # Many candidates are dropped (heuristics and near duplicates), so the bounds the filter started
-    # over every candidate must skip the dropped ones as rows and as columns.
+    # Many candidates are dropped (heuristics and near duplicates): a kept record's exact best is
+    # over the pool before it (seeds and earlier kept records), never over a dropped candidate.
     seeds, candidates = identity_records("synthetic")
     seeds, candidates = seeds[:40], candidates[:260]
     rng = random.Random(5)
@@ -136,18 +124,16 @@ def test_kept_exact_scores_are_rouge_scores_against_the_pool_before_each(tokeniz
     assert report["max_rouge_l_exact"] == "all"
     assert {r["reason"] for r in rejected} >= {"near_duplicate", "blacklist", "too_short"} and len(rejected) > 60
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Tokens(tokenizer))
-    pool = [(task.id, task.instruction) for task in seed_tasks]
-    for record in kept:
-        scores = [scorer.score(text, record["instruction"])["rougeL"].fmeasure for _, text in pool]
-        best = max(scores, default=0.0)
-        expected = {"id": pool[scores.index(best)][0], "instruction": pool[scores.index(best)][1]} if best > 0 else None
-        assert (record["filter_max_rouge_l"], record["filter_most_similar"]) == (best, expected), record["id"]
-        pool.append((record["id"], record["instruction"]))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=OurTokens(tokenizer))
+    pool = [(task.id, task.instruction) for task in seed_tasks] + [(r["id"], r["instruction"]) for r in kept]
+    expected = rouge_score_best_earlier([text for _, text in pool], scorer)[len(seed_tasks):]
+    for record, (best, nearest) in zip(kept, expected):
+        most_similar = dict(zip(("id", "instruction"), pool[int(nearest[1:])])) if nearest else None
+        assert (record["filter_max_rouge_l"], record["filter_most_similar"]) == (best, most_similar), record["id"]
     if tokenizer == "multilingual":
         assert any(r["instruction"].endswith("て下さい。") and r["reason"] == "near_duplicate" for r in rejected)
 
-    # More candidates than the limit but few enough kept: the pool's own bounds, the same scores.
+    # A limit of exactly the pool's size (more candidates than that) still gives every exact score.
     limit = len(seeds) + len(kept)
     again, _, report = filter_instructions(records, seed_tasks, Config(tokenizer=tokenizer, exact_scores_limit=limit))
     assert report["max_rouge_l_exact"] == "all" and again == kept

@@ -16,6 +16,7 @@ from rouge_score import rouge_scorer, tokenizers
 
 from pipeline import similarity
 from pipeline.similarity import RougeIndex, length_window, min_overlap, min_shared_tokens, rouge_l, tokenize
+from tests.conftest import OurTokens, rouge_score_best_earlier
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 
@@ -539,26 +540,6 @@ def test_exact_best_earlier_is_exact_on_japanese_tokens():
     assert got == [brute_best([(f"m{j}", texts[j]) for j in range(p)], texts[p], "multilingual")
                    for p in range(len(texts))]
     assert any(score > 0.7 for score, _ in got)  # the pairs' near-duplicates are found, exactly
-
-
-class OurTokens:
-    """rouge_score's tokenizer interface over ours, so its own scorer scores the tokens the index sees."""
-
-    def __init__(self, tokenizer: str):
-        self.tokenizer = tokenizer
-
-    def tokenize(self, text: str) -> list[str]:
-        return tokenize(text, self.tokenizer)
-
-
-def rouge_score_best_earlier(texts: list[str], scorer) -> list[tuple[float, str | None]]:
-    """Per text, rouge_score's highest fmeasure against every earlier text, and the first one with it."""
-    out = []
-    for p, text in enumerate(texts):
-        scores = [scorer.score(texts[j], text)["rougeL"].fmeasure for j in range(p)]
-        best = max(scores, default=0.0)
-        out.append((best, f"t{scores.index(best)}") if best > 0 else (0.0, None))
-    return out
 
 
 def texts_beyond_the_small_alphabet(rng, words: list[str], count: int) -> list[str]:
