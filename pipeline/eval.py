@@ -124,11 +124,9 @@ class Config:
 
     @property
     def resolved_judge_scoring(self) -> str:
-        # The same rule as the judge stage's --scoring auto: a local model's probabilities are one
-        # forward pass and never unreadable; a server may not return log-probabilities at all.
-        if self.judge_scoring != "auto":
-            return self.judge_scoring
-        return "probs" if self.judge_backend == "local" else "text"
+        from pipeline.judging import resolve_scoring  # the judge stage's --scoring auto rule
+
+        return resolve_scoring(self.judge_scoring, self.judge_backend)
 
     def __post_init__(self):
         validate(self)  # bounds from the field metadata; the rules between fields follow
@@ -435,7 +433,7 @@ def score_model(name: str, data: EvalSet, cfg: Config, resolved: dict, label: st
 
 def generation_dtype(cfg: Config, model):
     """The precision answers are generated in: the loaded one, except bf16 on a CPU with bf16 matmul
-    units under --dtype auto. Generation is most of eval's time and bf16 decodes 2.3x faster there
+    units under --dtype auto. Generation is most of eval's time and bf16 decodes 2.7x faster there
     (bench/bench_local.py), choosing fp32's next token at 98% of positions; the teacher-forced
     loss stays in fp32, where a small difference is the measure itself."""
     import torch

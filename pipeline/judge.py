@@ -83,9 +83,7 @@ class Config(BackendOptions):
 
     @property
     def resolved_scoring(self) -> judging.Scoring:
-        if self.scoring != "auto":
-            return self.scoring
-        return "probs" if self.backend == "local" else "text"
+        return judging.resolve_scoring(self.scoring, self.backend)
 
     def settings(self) -> judging.JudgeSettings:
         return judging.JudgeSettings(scoring=self.resolved_scoring, structured=self.structured,

@@ -95,6 +95,14 @@ PAIRWISE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "verdict", "st
     "required": ["reason", "winner"], "additionalProperties": False}}}
 
 
+def resolve_scoring(requested: str, backend: str) -> Scoring:
+    """`--scoring auto`: probabilities on the local backend (one forward pass, never unreadable),
+    text from a server (which may not return log-probabilities at all); otherwise as asked."""
+    if requested != "auto":
+        return requested
+    return "probs" if backend == "local" else "text"
+
+
 @dataclass(frozen=True)
 class JudgeSettings:
     """How to ask: the part of a stage's flags that shapes a judge request."""

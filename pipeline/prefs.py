@@ -144,8 +144,7 @@ class Config(BackendOptions):
                                  batch_api=self.batch_api and backend == "openai")
 
     def settings(self) -> judging.JudgeSettings:
-        scoring = self.scoring if self.scoring != "auto" else \
-            ("probs" if (self.judge_backend or self.backend) == "local" else "text")
+        scoring = judging.resolve_scoring(self.scoring, self.judge_backend or self.backend)
         # The judge's own temperature is 0 (a judgement, not a creative answer): JudgeSettings' default.
         return judging.JudgeSettings(scoring=scoring, structured=self.structured, max_tokens=self.judge_max_tokens,
                                      seed=self.seed, rubric=self.rubric, pairwise_rubric=self.pairwise_rubric)

@@ -234,3 +234,9 @@ def test_pairwise_probabilities_pick_by_letter_probability():
         return Response(request=request, texts=["A"], top_logprobs=[{"A": math.log(p_a), "B": math.log(1 - p_a)}])
     (_, verdict), = judging.pairwise_verdicts(FakeClient(answer), [pair()], judging.JudgeSettings(scoring="probs"))
     assert verdict.winner == "a" and verdict.p_a == (pytest.approx(0.8), pytest.approx(0.7))
+
+
+def test_scoring_auto_is_probabilities_on_the_local_backend_and_text_from_a_server():
+    assert judging.resolve_scoring("auto", "local") == "probs"
+    assert judging.resolve_scoring("auto", "openai") == "text"
+    assert judging.resolve_scoring("text", "local") == "text" and judging.resolve_scoring("probs", "openai") == "probs"
