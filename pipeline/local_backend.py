@@ -299,7 +299,7 @@ class LocalClient:
         # The pad token ends a row too, as it did when rows were right-padded by generate().
         self._eos |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         self._pulled = 0
-        # What an empty prompt starts from, as `model.generate` does: the model sees at least one token.
+        # What an empty prompt starts from (`_prompt_ids`): the model sees at least one token.
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         self._empty_prompt = [start] if start is not None else [self.tokenizer.pad_token_id]
 
@@ -347,7 +347,7 @@ class LocalClient:
             if request.top_logprobs:
                 scored.append((request, text, templated))
                 continue
-            prompt = self.tokenizer(text, add_special_tokens=not templated)["input_ids"] or self._empty_prompt
+            [prompt] = self._prompt_ids([text], templated)
             job = _Job(request, self._pulled, prompt, texts=[""] * request.n, reasons=[""] * request.n,
                        pending=request.n)
             rows += [_Row(job, choice, self._generator(request, job.index, choice)) for choice in range(request.n)]
@@ -430,6 +430,11 @@ class LocalClient:
         cuts = [text.find(s) for s in request.stop or () if s and s in text]
         return (text[:min(cuts)], "stop", count) if cuts else (text, reason, count)
 
+    def _prompt_ids(self, texts: list[str], templated: bool) -> list[list[int]]:
+        """Each prompt's token ids (special tokens only where the template has not put them); an
+        empty prompt starts from the start token, as `model.generate` does."""
+        return [ids or self._empty_prompt for ids in self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]]
+
     def _render(self, request: Request) -> tuple[str, bool]:
         """The text to generate from, and whether it already holds the special tokens."""
         if request.messages and self.tokenizer.chat_template:
@@ -454,8 +459,7 @@ class LocalClient:
             part = [item for item in batch if item[2] == templated]
             if not part:
                 continue
-            ids = [row or self._empty_prompt for row in
-                   self.tokenizer([text for _, text, _ in part], add_special_tokens=not templated)["input_ids"]]
+            ids = self._prompt_ids([text for _, text, _ in part], templated)
             for group in length_groups([len(row) for row in ids], token_budget(self.lm.device), len(part)):
                 encoded = self.tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt",
                                              padding_side="left").to(self.lm.device)
