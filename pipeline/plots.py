@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 # Ten 0.1-wide bins over [0, 1], as the Self-Instruct paper's Figure 3 draws ROUGE-L.
 ROUGE_L_BINS = 10
 LOSS_FIGURE_SIZE = (7, 4)  # inches
@@ -21,9 +23,9 @@ LOSS_FIGURE_DPI = 100
 
 def histogram(values: list[float], bins: int = ROUGE_L_BINS) -> list[tuple[float, float, int]]:
     """(low, high, count) for equal-width bins over [0, 1]; 1.0 falls in the last bin."""
-    counts = [0] * bins
-    for value in values:
-        counts[min(max(int(value * bins), 0), bins - 1)] += 1
+    # int() truncates toward zero, as astype does; then clipped into the bins.
+    index = np.clip((np.asarray(values, dtype=np.float64) * bins).astype(np.int64), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins).tolist()
     return [(round(i / bins, 10), round((i + 1) / bins, 10), count) for i, count in enumerate(counts)]
 
 

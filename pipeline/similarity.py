@@ -73,9 +73,9 @@ import math
 import os
 import re
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
+from itertools import repeat
 from typing import Callable, Literal
 
 import numpy as np
@@ -96,8 +96,11 @@ THRESHOLD_BOUNDS = {"above": 0.0, "max": 1.0}
 
 # rouge_score's tokenizer: lowercase, every run of anything but [a-z0-9] separates tokens.
 NON_ALNUM_RE = re.compile(r"[^a-z0-9]+")
-# The same rule over many texts joined by a separator that it leaves alone (`_tokenize_all`).
+# The same rule over many texts joined by a separator that it leaves alone (`_token_stream`).
 _BATCH_SEPARATOR = "\x00"
+_SEPARATED = f" {_BATCH_SEPARATOR} "  # a token of its own after `split()`
+# Where one text's ids end in the string of a batch's ids: a surrogate, which no id uses.
+_ID_SEPARATOR = "\ud800"
 # That rule as one byte table for ASCII text: A-Z lowercased, a-z, 0-9 and the separator kept,
 # every other byte a space (then `split()` merges the runs). bytes.translate does in one C pass
 # what lower() plus a regex substitution did in two (the regex was ~15% of a 2,000-record filter).
@@ -166,7 +169,7 @@ _SKETCH_CHUNK = 1 << 20  # pairs per vectorised bound evaluation, to bound tempo
 # rapidfuzz starts its worker threads on every call: ~1 ms on an idle machine and ~10 ms on a
 # loaded one, against ~0.3 us a pair on one thread, so a block with fewer pairs stays on one.
 _PARALLEL_PAIRS = 20_000
-# The exact-score pass bounds every pair over characters 1..255 (`RougeIndex._small_alphabet`):
+# The exact-score pass bounds every pair over characters 1..255 (`_SmallAlphabet`):
 # rapidfuzz looks those up in a flat table, others in a hash map (half the speed). The most
 # frequent tokens keep their own character; 64 left 3,549 pairs on 2,000 Alpaca instructions
 # with a bound at or above the row's best, against 6,993 for 224 (fewer shared ones collide more).
@@ -217,17 +220,30 @@ def tokenize(text: str, tokenizer: str = "multilingual") -> list[str]:
     return _multilingual().findall(text)
 
 
-def _tokenize_all(texts: list[str], tokenizer: str) -> list[list[str]]:
-    """`tokenize(text, tokenizer)` of each text. The ASCII ones (where every tokenizer is
-    rouge_score's: lowercase, runs of [^a-z0-9] separate) go through one byte-table pass over
-    their concatenation, split back at a separator no such text contains: on a million texts
-    that is several times faster than a regex call per text."""
-    if tokenizer not in TOKENIZERS:
-        return [tokenize(text, tokenizer) for text in texts]
-    simple = [text.isascii() and _BATCH_SEPARATOR not in text for text in texts]
-    joined = _BATCH_SEPARATOR.join([text for text, ok in zip(texts, simple) if ok]).encode("ascii")
-    parts = iter(joined.translate(_ASCII_TOKEN_BYTES).decode("ascii").split(_BATCH_SEPARATOR) if any(simple) else ())
-    return [next(parts).split() if ok else tokenize(text, tokenizer) for text, ok in zip(texts, simple)]
+def _token_stream(texts: list[str], tokenizer: str) -> list[str]:
+    """`tokenize(text, tokenizer)` of each text in one list, each text's tokens followed by
+    `_BATCH_SEPARATOR` (never a token itself). Runs of ASCII texts (where every tokenizer is
+    rouge_score's: lowercase, runs of [^a-z0-9] separate) go through one byte-table pass and one
+    `split` over their concatenation, the separator standing alone between them: on a million
+    texts that is several times faster than a regex call per text."""
+    stream: list[str] = []
+    run: list[str] = []  # ASCII texts waiting for one pass
+
+    def flush_run() -> None:
+        if run:
+            joined = _SEPARATED.join(run) + _SEPARATED
+            stream.extend(joined.encode("ascii").translate(_ASCII_TOKEN_BYTES).decode("ascii").split())
+            run.clear()
+
+    for text in texts:
+        if tokenizer in TOKENIZERS and text.isascii() and _BATCH_SEPARATOR not in text:
+            run.append(text)
+            continue
+        flush_run()
+        stream.extend(tokenize(text, tokenizer))
+        stream.append(_BATCH_SEPARATOR)
+    flush_run()
+    return stream
 
 
 @contextmanager
@@ -481,9 +497,11 @@ class RougeIndex:
         self._tables_for = -1
         self._ensure_tables(_INITIAL_CAPACITY)
         # Pair counts, for reports: every pair the greedy filter could have compared (each item
-        # against the pool before its block and the block's earlier items), and those it verified.
+        # against the pool before its block and the block's earlier items), those it scored
+        # exactly, and those `add_unless_similar_exact` bounded over the small alphabet.
         self.pairs_possible = 0
         self.pairs_compared = 0
+        self.pairs_bounded = 0
         # Texts added or decided that are not blank, and those among them that gave no tokens
         # (any Japanese text under the `rouge` tokenizer): such a text matches nothing, so the
         # stage must say so rather than silently keep every one (see `tokenless_warning`).
@@ -507,7 +525,6 @@ class RougeIndex:
         seq = self.encode(text)
         self._count_tokenless([text], [seq])
         self._pending.extend(self._append([(item_id, text)], [seq]))
-        self._maybe_reorder()
 
     def add_all(self, items: list[tuple[str, str]]) -> None:
         """`add` for each `(item_id, text)` in order, in one pass (a filter's seeds)."""
@@ -517,7 +534,6 @@ class RougeIndex:
         seqs = self._encode_block(texts)
         self._count_tokenless(texts, seqs)
         self._pending.extend(self._append(items, seqs))
-        self._maybe_reorder()
 
     def _count_tokenless(self, texts: list[str], seqs: list[str]) -> None:
         self.texts_seen += sum(map(bool, map(str.strip, texts)))  # C-level loops: called per block
@@ -562,18 +578,19 @@ class RougeIndex:
 
     def _encode_all(self, texts: list[str]) -> list[str]:
         """`encode` of each text, in one pass: new tokens get ids in order of first appearance,
-        as one `encode` call after another would give, and the rest is a C-level map (a Python
-        loop per token was about half the time of a million-record filter's encoding)."""
-        token_lists = _tokenize_all(texts, self.tokenizer)
+        as one `encode` call after another would give, and the rest is C-level maps and one
+        split (a Python loop per token was about half the time of a million-record filter's
+        encoding, and a split per text a quarter of what remained on 2,000)."""
+        stream = _token_stream(texts, self.tokenizer)
         vocab = self._vocab
-        self._add_tokens([token for token in dict.fromkeys(chain.from_iterable(token_lists)) if token not in vocab])
-        # One string of every text's ids, cut at the cumulative lengths.
-        joined = "".join(map(vocab.__getitem__, chain.from_iterable(token_lists)))
-        ends = np.cumsum([len(tokens) for tokens in token_lists]).tolist()
-        return [joined[start:end] for start, end in zip([0] + ends, ends)]
+        self._add_tokens([token for token in dict.fromkeys(stream) if token not in vocab and token != _BATCH_SEPARATOR])
+        # Every token is in the vocabulary now; the separator alone is not, and maps to the id separator.
+        return "".join(map(vocab.get, stream, repeat(_ID_SEPARATOR))).split(_ID_SEPARATOR)[:-1]
 
     def _encode_block(self, texts: list[str]) -> list[str]:
         """`encode` of each text: those prepared by `prepare_order` by one dict pop each."""
+        if not self._encoded:
+            return self._encode_all(texts)
         pop = self._encoded.pop
         seqs = [pop(text, None) for text in texts]
         if None in seqs:
@@ -686,8 +703,11 @@ class RougeIndex:
             self._runs[-1] = (_Postings.merged(self._runs[-1][0], short), _Postings.merged(self._runs[-1][1], long))
 
     def _flush(self) -> None:
+        """Index the members added since the last query (and re-count the order if the pool has
+        grown enough): a pool that is never queried is never indexed."""
         pending, self._pending = self._pending, []
         self._index(pending)
+        self._maybe_reorder()
 
     def _maybe_reorder(self) -> None:
         if len(self._ids) >= max(self._ordered_at, 1) * REORDER_GROWTH:
@@ -840,25 +860,11 @@ class RougeIndex:
         return a[keep], b[keep]
 
     def _pool_candidates(self, elements: _Elements) -> tuple[np.ndarray, np.ndarray]:
-        self._flush()
         size = len(self._ids)
         packing = self._packing(elements.lengths, size)
         matches = self._all_matches(self._runs, elements, packing)
         a, b = self._candidates(matches, elements.lengths, self._length_array[:size], size, packing)
         return self._bag_bound(a, b, elements.sketches(), self._sketches, elements.lengths, self._length_array)
-
-    def _scores(self, query_array: np.ndarray, choice_array: np.ndarray, a: np.ndarray, b: np.ndarray,
-                m: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """Exact ROUGE-L F1 of every pair (queries[a], choices[b]) in one rapidfuzz call (C++, all cores)."""
-        from rapidfuzz import process
-        from rapidfuzz.distance import Indel
-
-        if not len(a):
-            return np.empty(0)
-        workers = -1 if len(a) >= _PARALLEL_PAIRS else 1
-        distances = process.cpdist(query_array[a], choice_array[b], scorer=Indel.distance, dtype=np.int32, workers=workers)
-        m, n = m[a], n[b]
-        return _f1_from_lcs((m + n - distances) // 2, m, n)
 
     def _best_per_query(self, a: np.ndarray, scores: np.ndarray, queries: int) -> tuple[np.ndarray, np.ndarray]:
         """Per query, the highest score among its pairs and the index of the first pair with it (-1: none).
@@ -885,10 +891,11 @@ class RougeIndex:
         seqs = [self.encode(text) for text in texts]
         if not seqs:
             return []
+        self._flush()  # before the query's elements: a re-count changes the order they are sorted by
         self._ensure_tables(max(map(len, seqs)))
         elements = _Elements(seqs, self._rank, self._prefix_sizes)
         a, b = self._pool_candidates(elements)
-        scores = self._scores(self._object_array(seqs), self._seq_array, a, b, elements.lengths, self._length_array)
+        scores = _scores(self._object_array(seqs), self._seq_array, a, b, elements.lengths, self._length_array)
         best, where = self._best_per_query(a, scores, len(seqs))
         return [(float(s), self._ids[b[w]]) if w >= 0 else (0.0, None) for s, w in zip(best.tolist(), where.tolist())]
 
@@ -916,6 +923,7 @@ class RougeIndex:
         texts = [text for _, text in block]
         seqs = self._encode_block(texts)
         self._count_tokenless(texts, seqs)
+        self._flush()  # before the block's elements: a re-count changes the order they are sorted by
         self._ensure_tables(max(map(len, seqs)))
         elements = _Elements(seqs, self._rank, self._prefix_sizes)
         seq_array = self._object_array(seqs)
@@ -924,7 +932,7 @@ class RougeIndex:
 
         # Against the pool before the block: one best per item.
         a, b = self._pool_candidates(elements)
-        scores = self._scores(seq_array, self._seq_array, a, b, lengths, self._length_array)
+        scores = _scores(seq_array, self._seq_array, a, b, lengths, self._length_array)
         pool_best, where = self._best_per_query(a, scores, len(seqs))
         pool_best_id = [self._ids[b[w]] if w >= 0 else None for w in where.tolist()]
         # Against earlier items of the block: the same bounds, on the block's own postings.
@@ -935,7 +943,7 @@ class RougeIndex:
         earlier = qb < qa
         sketches = elements.sketches()
         qa, qb = self._bag_bound(qa[earlier], qb[earlier], sketches, sketches, lengths, lengths)
-        block_scores = self._scores(seq_array, seq_array, qa, qb, lengths, lengths)
+        block_scores = _scores(seq_array, seq_array, qa, qb, lengths, lengths)
 
         self.pairs_possible += len(seqs) * pool_size + len(seqs) * (len(seqs) - 1) // 2
         self.pairs_compared += len(a) + len(qa)
@@ -960,11 +968,92 @@ class RougeIndex:
 
     # --- exact scores for reports -------------------------------------------------------
 
+    def add_unless_similar_exact(self, items: list[tuple[str, str]], chunk: int = 256,
+                                 on_block: Callable[[int], None] | None = None) -> list[tuple[bool, float, str | None]]:
+        """`add_unless_similar` with every score exact, the added items' too: the same decisions,
+        and per item its exact highest ROUGE-L F1 against the pool when it was decided, and the
+        earliest-added member with it.
+
+        It bounds every (item, earlier member or item) pair as `exact_best_earlier` does, so its
+        cost grows with the pool squared: for a pool of a few thousand, where the report wants
+        every score exact anyway, one pass that bounds each pair once is cheaper than the index's
+        decisions followed by `exact_best_earlier`. Items go `chunk` at a time, in order. While a
+        second thread bounds a chunk against every sequence before it (rapidfuzz and numpy
+        release the GIL), this one encodes the next chunk and settles the one before: the pairs
+        whose bound reaches the threshold are scored exactly and decide its items in order, as
+        the greedy rule does; then the dropped items' columns are cleared and each row's best
+        is sifted. The added items join the pool, and the postings at the next query.
+        """
+        if not items:
+            return []
+        start = len(self._ids)  # the pool before the call; item k is sequence start + k
+        total = start + len(items)
+        ids = self._ids + [item_id for item_id, _ in items]
+        seqs = list(self._seqs)
+        seq_array = np.empty(total, dtype=object)
+        seq_array[:start] = self._seq_array[:start]
+        lengths = np.zeros(total, dtype=np.int64)
+        lengths[:start] = self._length_array[:start]
+        half_lengths = _half_lengths(lengths)
+        in_pool = np.ones(total, dtype=bool)  # an item's entry turns False when it is dropped
+        alphabet: _SmallAlphabet | None = None
+        small: list[str] = []
+        best: list[tuple[float, int]] = []
+
+        def settle(rows: np.ndarray, bounded: Future) -> None:
+            bound = bounded.result()
+            # The pairs that can decide a row: their exact scores settle the rows in order, since
+            # they come by row, then column (a column inside the chunk is an earlier row, settled).
+            high = np.flatnonzero(bound >= np.float32(self.threshold - _BOUND_MARGIN))
+            r, c = np.divmod(high, bound.shape[1])
+            f1 = _scores(seq_array, seq_array, rows[r], c, lengths, lengths)
+            for i, j, score in zip(rows[r].tolist(), c.tolist(), f1.tolist()):
+                if score > self.threshold and in_pool[j]:
+                    in_pool[i] = False
+            bound[:, ~in_pool[:bound.shape[1]]] = -1.0  # dropped items are not in the pool
+            chunk_best, scored = _sift_best(bound, rows, seq_array, lengths)
+            best.extend(chunk_best)
+            self.pairs_compared += len(scored) + len(high) - int(np.isin(high, scored, assume_unique=True).sum())
+            if on_block is not None:
+                on_block(len(rows))
+
+        # Two chunks are in flight at most (one bounded, one settled), each in a buffer of its own.
+        buffers = [np.empty(min(chunk, len(items)) * total, dtype=np.float32) for _ in range(2)]
+        # One bound thread: a second one, or the sifts moved to bound threads, measured slower,
+        # as both sides then wait on the GIL.
+        with _collector_paused(), ThreadPoolExecutor(1) as bounder:
+            waiting: list[tuple[np.ndarray, Future]] = []
+            for low in range(start, total, chunk):
+                texts = [text for _, text in items[low - start:low - start + chunk]]
+                block = self._encode_block(texts)
+                self._count_tokenless(texts, block)
+                rows = np.arange(low, low + len(block))
+                seqs.extend(block)
+                seq_array[rows] = block
+                lengths[rows] = [len(seq) for seq in block]
+                half_lengths[rows] = _half_lengths(lengths[rows])
+                if alphabet is None:  # the pool's and the first chunk's token counts
+                    alphabet = _SmallAlphabet(seqs, len(self._vocab))
+                    small.extend(alphabet.rewrite(self._seqs))
+                small.extend(alphabet.rewrite(block))
+                out = buffers[(low - start) // chunk % len(buffers)]
+                waiting.append((rows, bounder.submit(_bounds, small, half_lengths, rows, out)))
+                if len(waiting) > 1:
+                    settle(*waiting.pop(0))
+            for rows, bounded in waiting:
+                settle(rows, bounded)
+        added = in_pool[start:].tolist()
+        self.pairs_possible += sum(range(start, total))  # each item against all before it
+        self.pairs_bounded += sum(range(start, total))
+        kept = [k for k, keep in enumerate(added) if keep]
+        self._pending.extend(self._append([items[k] for k in kept], [seqs[start + k] for k in kept]))
+        return [(keep, score, ids[j] if j >= 0 else None) for keep, (score, j) in zip(added, best)]
+
     def exact_best_earlier(self, positions: list[int], chunk: int = 256) -> list[tuple[float, str | None]]:
         """Exact highest ROUGE-L F1 of pool member `p` against pool members added before it, for each p.
 
         Rows go in position order, `chunk` at a time. Each chunk is bounded against every earlier
-        member in one rapidfuzz call over the small alphabet (`_small_alphabet`), and only the
+        member in one rapidfuzz call over the small alphabet (`_SmallAlphabet`), and only the
         pairs whose bound reaches the exact score of the row's best-bounded pair are scored on
         the real tokens: on 2,000 Alpaca instructions ~3 pairs a row instead of ~1,000.
         """
@@ -972,98 +1061,167 @@ class RougeIndex:
         ordered = sorted(set(positions))
         if not ordered:
             return []
-        small = self._small_alphabet(ordered[-1] + 1)
+        pool = self._seqs[:ordered[-1] + 1]
+        small = _SmallAlphabet(pool, len(self._vocab)).rewrite(pool)
         chunks = [ordered[start:start + chunk] for start in range(0, len(ordered), chunk)]
+        seq_array, lengths = self._seq_array, self._length_array
+        half_lengths = _half_lengths(lengths[:ordered[-1] + 1])
+
+        def best_of(rows: list[int]) -> list[tuple[float, str | None]]:
+            row_array = np.asarray(rows)
+            if rows[-1] == 0:
+                return [(0.0, None)] * len(rows)
+            best, _ = _sift_best(_bounds(small, half_lengths, row_array), row_array, seq_array, lengths)
+            return [(score, self._ids[j] if j >= 0 else None) for score, j in best]
+
         # Chunks run on every core this process may use (as rapidfuzz's workers=-1 would), one
         # thread each: rapidfuzz and numpy release the GIL, so one chunk's bound matrix is
         # sifted while another's is computed, which rapidfuzz's own threads cannot overlap.
         threads = min(len(chunks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
-                scored = list(pool.map(lambda rows: self._exact_best_rows(rows, small), chunks))
+                scored = list(pool.map(best_of, chunks))
         else:
-            scored = [self._exact_best_rows(rows, small) for rows in chunks]
+            scored = [best_of(rows) for rows in chunks]
         for rows, results in zip(chunks, scored):
             out.update(zip(rows, results))
         return [out[p] for p in positions]
 
-    def _small_alphabet(self, end: int) -> list[str]:
-        """The pool sequences before `end` rewritten over characters 1..255 (`_SMALL_ALPHABET`).
 
-        The `_DISTINCT_CODES` most frequent tokens keep a character of their own; the others share
-        the remaining ones by frequency rank. Any common subsequence stays one after the rewrite,
-        so the LCS over it bounds the true one from above (shared codes can only add matches),
-        and rapidfuzz reads characters below 256 from a flat table instead of a hash map: the
-        whole-pool bound costs about half of scoring every pair on the real ids.
-        """
-        tokens, lengths = _token_ids(self._seqs[:end])
-        counts = np.bincount(tokens, minlength=len(self._vocab))
+
+def _half_lengths(lengths: np.ndarray) -> np.ndarray:
+    """`_bounds`' half lengths: float32 m/2, and 1/4 for an empty sequence, whose LCS with
+    anything is 0, so that two of them bound 0 and not 0/0."""
+    return np.maximum(lengths, 0.5).astype(np.float32) / 2
+
+
+class _SmallAlphabet:
+    """Token ids rewritten over characters 1..255 (`_SMALL_ALPHABET`), for bounding every pair.
+
+    The `_DISTINCT_CODES` tokens most frequent in the sequences it is made from keep a character
+    of their own; the others share the remaining ones by frequency rank, and tokens it never
+    saw share them by id. Any common subsequence stays one after the rewrite, so the LCS over
+    it bounds the true one from above (shared codes can only add matches) whatever the counts,
+    and rapidfuzz reads characters below 256 from a flat table instead of a hash map: the
+    whole-pool bound costs about half of scoring every pair on the real ids.
+    """
+
+    def __init__(self, seqs: list[str], vocab_size: int):
+        tokens, _ = _token_ids(seqs)
+        counts = np.bincount(tokens, minlength=vocab_size)
         rank = np.empty(len(counts), dtype=np.int64)
         rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+        self._code = self._shared_code(rank)
+
+    @staticmethod
+    def _shared_code(rank: np.ndarray) -> np.ndarray:
         shared = _SMALL_ALPHABET - _DISTINCT_CODES
-        code = np.where(rank < _DISTINCT_CODES, rank, _DISTINCT_CODES + (rank - _DISTINCT_CODES) % shared) + 1
-        text = code[tokens].astype(np.uint8).tobytes().decode("latin-1")
+        return np.where(rank < _DISTINCT_CODES, rank, _DISTINCT_CODES + (rank - _DISTINCT_CODES) % shared) + 1
+
+    def rewrite(self, seqs: list[str]) -> list[str]:
+        tokens, lengths = _token_ids(seqs)
+        known = len(self._code)
+        unseen = self._shared_code(_DISTINCT_CODES + tokens)  # past the distinct ones, by id
+        code = np.where(tokens < known, self._code[np.minimum(tokens, known - 1)], unseen) if known else unseen
+        text = code.astype(np.uint8).tobytes().decode("latin-1")
         ends = np.cumsum(lengths).tolist()
         return [text[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
-    def _exact_best_rows(self, rows: list[int], small: list[str]) -> list[tuple[float, str | None]]:
-        """`exact_best_earlier` for ascending positions `rows` (`small`: `_small_alphabet`).
 
-        The bound matrix (float32 2*LCS'/(m+n), LCS' over the small alphabet) is at least every
-        pair's true score less a float32 rounding. Per row, the exact score s of the pair with the
-        highest bound is a floor for its best, so only pairs with bound >= s (less a margin for
-        that rounding) can beat or tie it; those get the exact LCS and rouge_score's float
-        formula, which decides among exact ties (it may differ between them in the last bit),
-        then the earliest member wins, as the sequential scan's strict `>` keeps it.
-        """
-        from rapidfuzz import process
-        from rapidfuzz.distance import Indel
+def _scores(query_array: np.ndarray, choice_array: np.ndarray, a: np.ndarray, b: np.ndarray,
+            m: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Exact ROUGE-L F1 of every pair (queries[a], choices[b]) in one rapidfuzz call (C++, all cores)."""
+    from rapidfuzz import process
+    from rapidfuzz.distance import Indel
 
-        end = rows[-1]
-        if end == 0:
-            return [(0.0, None)] * len(rows)
-        row_array = np.asarray(rows)
-        bound = process.cdist([small[p] for p in rows], small[:end], scorer=Indel.normalized_similarity,
-                              dtype=np.float32, workers=1)
-        if end > rows[0]:  # members from the first row on count only for the rows after them
-            bound[:, rows[0]:end][np.arange(rows[0], end) >= row_array[:, None]] = -1.0
-        top = bound.argmax(axis=1)
-        floor = self._scores(self._seq_array, self._seq_array, row_array, top, self._length_array, self._length_array)
-        level = np.maximum(floor - _BOUND_MARGIN, _BOUND_MARGIN)  # a score of 0 is never reported
-        # flatnonzero, then divmod: numpy's 2-D nonzero was six times slower on this matrix.
-        r, c = np.divmod(np.flatnonzero(bound >= level[:, None].astype(np.float32)), end)
-        r, c, f1 = self._score_by_bound(row_array, r, c, bound[r, c], floor)
-        order = np.lexsort((c, -f1, r))
-        first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
-        out = [(0.0, None)] * len(rows)
-        for k, score, j in zip(r[first].tolist(), f1[first].tolist(), c[first].tolist()):
-            if score > 0:
-                out[k] = (score, self._ids[j])
-        return out
+    if not len(a):
+        return np.empty(0)
+    workers = -1 if len(a) >= _PARALLEL_PAIRS else 1
+    distances = process.cpdist(query_array[a], choice_array[b], scorer=Indel.distance, dtype=np.int32, workers=workers)
+    m, n = m[a], n[b]
+    return _f1_from_lcs((m + n - distances) // 2, m, n)
 
-    def _score_by_bound(self, rows: np.ndarray, r: np.ndarray, c: np.ndarray, bound: np.ndarray,
-                        floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact scores of the candidate pairs (rows[r], c) (r ascending) that can still tie or beat their
-        row's floor: `(r, c, f1)` of those scored, highest bounds first.
 
-        Each round scores every row's highest-bound pairs and raises the floor to what they
-        score; a pair whose bound has fallen below its row's floor is dropped unscored. A few
-        rounds suffice: the rest is scored at once.
-        """
-        done: list[tuple[np.ndarray, ...]] = []
-        for _ in range(_BOUND_ROUNDS):
-            if not len(r):
-                break
-            starts = np.flatnonzero(np.append(True, r[1:] != r[:-1]))
-            best_bound = np.repeat(np.maximum.reduceat(bound, starts), np.diff(np.append(starts, len(r))))
-            now = bound >= best_bound - _BOUND_MARGIN
-            f1 = self._scores(self._seq_array, self._seq_array, rows[r[now]], c[now], self._length_array,
-                              self._length_array)
-            np.maximum.at(floor, r[now], f1)
-            done.append((r[now], c[now], f1))
-            later = ~now & (bound >= floor[r] - _BOUND_MARGIN)
-            r, c, bound = r[later], c[later], bound[later]
-        if len(r):
-            done.append((r, c, self._scores(self._seq_array, self._seq_array, rows[r], c, self._length_array,
-                                            self._length_array)))
-        return tuple(np.concatenate(parts) for parts in zip(*done)) if done else (r, c, np.zeros(0))
+def _bounds(small: list[str], half_lengths: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Per row (ascending positions), the bound of its score against every sequence before the
+    last row: float32 2*LCS'/(m+n), LCS' over `_SmallAlphabet`; -1 where the column is not
+    before the row. `half_lengths`: `_half_lengths` of every sequence; `out`: a flat float32
+    buffer of at least rows x columns to write into.
+
+    rapidfuzz gives the LCS as bytes and numpy divides (LCS / ((m+n)/2) rounds to the same
+    float32 as 2*LCS/(m+n)): rapidfuzz's own float score cost half as much again. And a buffer
+    used again is written at memory speed, where a fresh matrix per chunk was three times the
+    division's cost in page faults.
+    """
+    from rapidfuzz import process
+    from rapidfuzz.distance import LCSseq
+
+    end = int(rows[-1])
+    # An LCS fits a byte when every sequence does; the byte result is the fastest to write.
+    dtype = np.uint8 if half_lengths.max(initial=0) * 2 <= _UINT8_MAX else np.int32
+    lcs = process.cdist([small[p] for p in rows.tolist()], small[:end], scorer=LCSseq.similarity, dtype=dtype,
+                        workers=1)
+    shape = (len(rows), end)
+    bound = np.empty(shape, dtype=np.float32) if out is None else out[:shape[0] * end].reshape(shape)
+    np.add(half_lengths[rows, None], half_lengths[None, :end], out=bound)
+    np.divide(lcs, bound, out=bound)
+    first = int(rows[0])
+    if end > first:  # columns from the first row on count only for the rows after them
+        bound[:, first:end][np.arange(first, end) >= rows[:, None]] = -1.0
+    return bound
+
+
+def _sift_best(bound: np.ndarray, rows: np.ndarray, seq_array: np.ndarray,
+               lengths: np.ndarray) -> tuple[list[tuple[float, int]], np.ndarray]:
+    """Per row, `(exact highest F1, the earliest column with it)` among the columns with a bound
+    of at least 0, `(0.0, -1)` when none scores above 0; and the pairs it scored exactly (flat
+    indexes into `bound`, each once).
+
+    The bound (`_bounds`) is at least every pair's true score less a float32 rounding. Per row,
+    the exact score s of the pair with the highest bound is a floor for its best, so only pairs
+    with bound >= s (less a margin for that rounding) can beat or tie it; those get the exact
+    LCS and rouge_score's float formula, which decides among exact ties (it may differ between
+    them in the last bit), then the earliest column wins, as the sequential scan's strict `>`
+    keeps it.
+    """
+    if bound.shape[1] == 0:
+        return [(0.0, -1)] * len(rows), np.zeros(0, dtype=np.int64)
+    top = bound.argmax(axis=1)
+    floor = _scores(seq_array, seq_array, rows, top, lengths, lengths)
+    level = np.maximum(floor - _BOUND_MARGIN, _BOUND_MARGIN)  # a score of 0 is never reported
+    # flatnonzero, then divmod: numpy's 2-D nonzero was six times slower on this matrix.
+    r, c = np.divmod(np.flatnonzero(bound >= level[:, None].astype(np.float32)), bound.shape[1])
+    r, c, f1 = _score_by_bound(seq_array, lengths, rows, r, c, bound[r, c], floor)
+    order = np.lexsort((c, -f1, r))
+    first = order[np.concatenate([[True], r[order][1:] != r[order][:-1]])] if len(r) else order
+    out = [(0.0, -1)] * len(rows)
+    for k, score, j in zip(r[first].tolist(), f1[first].tolist(), c[first].tolist()):
+        if score > 0:
+            out[k] = (score, j)
+    return out, r * bound.shape[1] + c  # a row's top pair is among them unless it scores 0
+
+
+def _score_by_bound(seq_array: np.ndarray, lengths: np.ndarray, rows: np.ndarray, r: np.ndarray, c: np.ndarray,
+                    bound: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact scores of the candidate pairs (rows[r], c) (r ascending) that can still tie or beat their
+    row's floor: `(r, c, f1)` of those scored, highest bounds first.
+
+    Each round scores every row's highest-bound pairs and raises the floor to what they
+    score; a pair whose bound has fallen below its row's floor is dropped unscored. A few
+    rounds suffice: the rest is scored at once.
+    """
+    done: list[tuple[np.ndarray, ...]] = []
+    for _ in range(_BOUND_ROUNDS):
+        if not len(r):
+            break
+        starts = np.flatnonzero(np.append(True, r[1:] != r[:-1]))
+        best_bound = np.repeat(np.maximum.reduceat(bound, starts), np.diff(np.append(starts, len(r))))
+        now = bound >= best_bound - _BOUND_MARGIN
+        f1 = _scores(seq_array, seq_array, rows[r[now]], c[now], lengths, lengths)
+        np.maximum.at(floor, r[now], f1)
+        done.append((r[now], c[now], f1))
+        later = ~now & (bound >= floor[r] - _BOUND_MARGIN)
+        r, c, bound = r[later], c[later], bound[later]
+    if len(r):
+        done.append((r, c, _scores(seq_array, seq_array, rows[r], c, lengths, lengths)))
+    return tuple(np.concatenate(parts) for parts in zip(*done)) if done else (r, c, np.zeros(0))

@@ -30,6 +30,21 @@ class OurTokens:
         return tokenize(text, self.tokenizer)
 
 
+def rouge_score_greedy(texts: list[str], scorer, threshold: float) -> list[tuple[bool, float, str | None]]:
+    """Self-Instruct's greedy rule by rouge_score, text `t<i>` after text: per text, whether it is
+    kept (its highest fmeasure against the kept ones before it is at most `threshold`), that
+    highest fmeasure, and the first kept one with it."""
+    kept: list[int] = []
+    out = []
+    for text in texts:
+        scores = [scorer.score(texts[j], text)["rougeL"].fmeasure for j in kept]
+        best = max(scores, default=0.0)
+        out.append((best <= threshold, best, f"t{kept[scores.index(best)]}" if best > 0 else None))
+        if best <= threshold:
+            kept.append(len(out) - 1)
+    return out
+
+
 def rouge_score_best_earlier(texts: list[str], scorer) -> list[tuple[float, str | None]]:
     """Per text, rouge_score's highest fmeasure against every earlier text, and the first one with it."""
     out = []

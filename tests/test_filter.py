@@ -120,6 +120,7 @@ def test_kept_exact_scores_are_rouge_scores_against_the_pool_before_each(tokeniz
     candidates += ["Describe the picture below.", "a b"]  # blacklist and too_short
     records = [{"id": f"c{i}", "instruction": text} for i, text in enumerate(candidates)]
     seed_tasks = load_seeds(seeds_file(tmp_path, seeds))
+    # The pool fits the default limit: one pass decides and scores every pair.
     kept, rejected, report = filter_instructions(records, seed_tasks, Config(tokenizer=tokenizer))
     assert report["max_rouge_l_exact"] == "all"
     assert {r["reason"] for r in rejected} >= {"near_duplicate", "blacklist", "too_short"} and len(rejected) > 60
@@ -133,10 +134,12 @@ def test_kept_exact_scores_are_rouge_scores_against_the_pool_before_each(tokeniz
     if tokenizer == "multilingual":
         assert any(r["instruction"].endswith("て下さい。") and r["reason"] == "near_duplicate" for r in rejected)
 
-    # A limit of exactly the pool's size (more candidates than that) still gives every exact score.
+    # A limit of exactly the pool's size (more candidates than that): the index decides, then the
+    # kept ones are rescored; every record comes out the same, the rejected ones' scores too.
     limit = len(seeds) + len(kept)
-    again, _, report = filter_instructions(records, seed_tasks, Config(tokenizer=tokenizer, exact_scores_limit=limit))
-    assert report["max_rouge_l_exact"] == "all" and again == kept
+    again, rejected_again, report = filter_instructions(records, seed_tasks,
+                                                        Config(tokenizer=tokenizer, exact_scores_limit=limit))
+    assert report["max_rouge_l_exact"] == "all" and again == kept and rejected_again == rejected
 
 
 # --- identity with the rouge_score reference ------------------------------------------------

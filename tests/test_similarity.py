@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer, tokenizers
 
 from pipeline import similarity
 from pipeline.similarity import RougeIndex, length_window, min_overlap, min_shared_tokens, rouge_l, tokenize
-from tests.conftest import OurTokens, rouge_score_best_earlier
+from tests.conftest import OurTokens, rouge_score_best_earlier, rouge_score_greedy
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 
@@ -210,6 +210,18 @@ def naive_greedy(seeds, items, threshold, tokenizer):
     return out
 
 
+def naive_greedy_exact(seeds, items, threshold, tokenizer):
+    """Per item: kept or not, its exact best against the pool at its turn, and the earliest member with it."""
+    pool = list(seeds)
+    out = []
+    for item_id, text in items:
+        best, best_id = brute_best(pool, text, tokenizer)
+        out.append((best <= threshold, best, best_id))
+        if best <= threshold:
+            pool.append((item_id, text))
+    return out
+
+
 sentences = st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h"]), max_size=10).map(" ".join)
 
 
@@ -234,6 +246,59 @@ def test_blockwise_pruned_greedy_equals_naive_sequential(seeds, texts, threshold
     for keep, score, best_id in got:
         if keep and best_id is not None:
             assert score <= threshold
+
+
+@settings(max_examples=150, deadline=None)
+@given(seeds=st.lists(sentences, max_size=4), texts=st.lists(sentences, min_size=1, max_size=30),
+       threshold=st.sampled_from([0.0, 0.4, 0.5, 0.7, 0.8, 1.0]), chunk=st.sampled_from([1, 2, 5, 64]))
+def test_one_pass_greedy_gives_the_naive_decisions_and_every_exact_score(seeds, texts, threshold, chunk):
+    # Eight letters: many exact ties, empty texts, no seeds at all, and items whose nearest earlier
+    # one was dropped (its column must not count), within a chunk and across chunks.
+    seeds = [(f"s{i}", t) for i, t in enumerate(seeds)]
+    items = [(f"m{i}", t) for i, t in enumerate(texts)]
+    index = RougeIndex(threshold, "rouge")
+    index.add_all(seeds)
+    got = index.add_unless_similar_exact(items, chunk=chunk)
+    expected = naive_greedy_exact(seeds, items, threshold, "rouge")
+    assert got == expected  # the same floats: rouge_score's formula on the exact LCS
+    kept = [item for item, (keep, _, _) in zip(items, got) if keep]
+    assert len(index) == len(seeds) + len(kept) and all(item_id in index for item_id, _ in kept)
+    assert index.pairs_compared <= index.pairs_bounded == index.pairs_possible == sum(range(len(seeds), len(seeds) + len(items)))
+    # The kept ones are in the postings too: a later greedy call sees them.
+    later = [(f"n{i}", t) for i, t in enumerate(texts[::-1])]
+    expected_later = naive_greedy(seeds + kept, later, threshold, "rouge")
+    assert [(k, s if not k else None, i if not k else None) for k, s, i in index.add_unless_similar(later)] == expected_later
+
+
+def test_one_pass_greedy_is_exact_on_japanese_and_counts_what_the_rouge_tokenizer_cannot_read():
+    seeds = [("s0", "次の文章を英語に翻訳してください。"), ("s1", "好きな果物を三つ挙げてください。")]
+    items = [(f"m{i}", t) for i, t in enumerate(t for r in ja_pairs()[:30] for t in (r["a"], r["b"]))]
+    index = RougeIndex(0.7, "multilingual")
+    index.add_all(seeds)
+    got = index.add_unless_similar_exact(items, chunk=16)
+    assert got == naive_greedy_exact(seeds, items, 0.7, "multilingual")
+    assert 0 < sum(not keep for keep, _, _ in got) < len(items)  # some near copies dropped, not all
+    # rouge_score's tokenizer reads nothing of Japanese but ASCII digits ("50文字"): the rest are
+    # kept unscored, and counted for the warning.
+    rouge_only = RougeIndex(0.7, "rouge")
+    texts = seeds + items[:6]
+    assert rouge_only.add_unless_similar_exact(texts) == naive_greedy_exact([], texts, 0.7, "rouge")
+    assert rouge_only.tokenless == sum(not tokenize(text, "rouge") for _, text in texts) == 7
+    assert "7 of 8 texts gave no tokens" in rouge_only.tokenless_warning()
+
+
+def test_one_pass_greedy_is_exact_on_sequences_longer_than_a_byte():
+    # Over 255 tokens an LCS no longer fits the byte matrix the bound uses for short texts.
+    rng = __import__("random").Random(3)
+    words = [f"w{i}" for i in range(400)]
+    long_text = [rng.choice(words) for _ in range(300)]
+    near = list(long_text)
+    near[150] = "changed"
+    items = [("a", " ".join(long_text)), ("b", "w1 w2 w3"), ("c", " ".join(near)), ("d", " ".join(long_text[:200]))]
+    index = RougeIndex(0.7, "rouge")
+    got = index.add_unless_similar_exact(items, chunk=2)
+    assert got == naive_greedy_exact([], items, 0.7, "rouge")
+    assert [keep for keep, _, _ in got] == [True, True, False, False] and got[2][2] == "a"
 
 
 @settings(max_examples=100, deadline=None)
@@ -278,9 +343,13 @@ def test_index_basics_and_exact_scores_of_earlier_members():
 def test_a_repeated_id_in_one_batch_is_refused_by_name_and_changes_nothing():
     index = RougeIndex(0.7)
     index.add("seed", "list three prime numbers")
+    batch = [("a", "write a poem about the sea"), ("b", "explain how a bicycle works"),
+             ("b", "name the planets of the solar system")]
     with pytest.raises(ValueError, match="duplicate id 'b'"):
-        index.add_unless_similar([("a", "write a poem about the sea"), ("b", "explain how a bicycle works"),
-                                  ("b", "name the planets of the solar system")])
+        index.add_unless_similar(batch)
+    assert len(index) == 1 and "a" not in index
+    with pytest.raises(ValueError, match="duplicate id 'b'"):
+        index.add_unless_similar_exact(batch)
     assert len(index) == 1 and "a" not in index
 
 
@@ -338,11 +407,16 @@ def test_word_packed_sketch_overlap_equals_the_bucketwise_minimum_sum(pairs):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(alphabet=st.sampled_from("aZ9 -.!\n\t\x00éあ猫İ"), max_size=20), max_size=8),
        st.sampled_from(["rouge", "multilingual", "characters"]))
-def test_batch_tokenizing_equals_one_text_at_a_time(texts, tokenizer):
-    # ASCII texts are tokenized as one concatenation split at "\x00"; a text holding "\x00",
-    # or any non-ASCII (Japanese) text, takes the one-text path.
-    texts = texts + ["次の文章を英語に翻訳してください。", "Give 3 tips!\x00Now.", "snake_case e-mail"]
-    assert similarity._tokenize_all(texts, tokenizer) == [tokenize(text, tokenizer) for text in texts]
+def test_batch_tokenizing_and_encoding_equal_one_text_at_a_time(texts, tokenizer):
+    # Runs of ASCII texts are tokenized as one concatenation with "\x00" standing between them; a
+    # text holding "\x00", or any non-ASCII (Japanese) text, takes the one-text path. Empty texts
+    # and texts with no tokens keep their place.
+    texts = texts + ["次の文章を英語に翻訳してください。", "Give 3 tips!\x00Now.", "", "snake_case e-mail", "!!"]
+    expected = [token for text in texts for token in tokenize(text, tokenizer) + ["\x00"]]
+    assert similarity._token_stream(texts, tokenizer) == expected
+    one_by_one, batch = RougeIndex(0.7, tokenizer), RougeIndex(0.7, tokenizer)
+    assert batch._encode_all(texts) == [one_by_one.encode(text) for text in texts]
+    assert batch._vocab == one_by_one._vocab
 
 
 def test_batch_encoding_gives_the_ids_of_one_text_at_a_time():
@@ -560,17 +634,22 @@ def texts_beyond_the_small_alphabet(rng, words: list[str], count: int) -> list[s
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([1, 7, 256]))
-def test_exact_best_earlier_equals_rouge_score_over_shared_small_alphabet_codes(seed, chunk):
+def test_exact_scores_equal_rouge_score_over_shared_small_alphabet_codes(seed, chunk):
+    # Both exact passes: the pool's members against those before them, and the one-pass greedy
+    # rule, whose small alphabet is counted on the pool and its first chunk (words first seen
+    # later share codes by id). Pairs at exactly 0.7 on paper are decided by rouge_score's float.
     rng = __import__("random").Random(seed)
     words = [f"w{i}" for i in range(700)]
     texts = texts_beyond_the_small_alphabet(rng, words, 100)
+    items = [(f"t{i}", text) for i, text in enumerate(texts)]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     index = RougeIndex(0.7, "rouge")
-    index.add_all([(f"t{i}", text) for i, text in enumerate(texts)])
+    index.add_all(items)
     assert len({token for text in texts for token in text.split()}) > similarity._SMALL_ALPHABET
     got = index.exact_best_earlier(list(range(len(texts))), chunk=chunk)
-    expected = rouge_score_best_earlier(texts, rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False))
-    assert got == expected  # bit for bit, and the first of equal scores
+    assert got == rouge_score_best_earlier(texts, scorer)  # bit for bit, and the first of equal scores
     assert any(score == rouge_l(["a"] * 7 + ["b"], ["a"] * 7 + ["c"] * 5) for score, _ in got)  # ties at 0.7
+    assert RougeIndex(0.7, "rouge").add_unless_similar_exact(items, chunk=chunk) == rouge_score_greedy(texts, scorer, 0.7)
 
 
 def test_exact_best_earlier_equals_rouge_score_on_japanese_beyond_the_small_alphabet():
