@@ -14,10 +14,10 @@
    `--exact-scores-limit 0`, so the index decides), and the decisions plus the exact highest
    score of every kept candidate too (what the reference also has; our report's
    `filter_max_rouge_l`; the default limit, so one pass bounds every pair), asserted bit for
-   bit equal to rouge_score's under its tokenizer. Ours runs `--repeats` times just before and just after the reference
-   and its median counts, so on a shared machine both sides see about the same load; the
-   threads used and the load average before and after are printed, and the last line is
-   `decisions and exact scores vs rouge_score: N.Nx`.
+   bit equal to rouge_score's under its tokenizer. Ours runs `--repeats` times at points spread
+   over the reference's run (off its clock) and its median counts, so on a shared machine both
+   sides see the same load; the threads used and the load average before and after are
+   printed, and the last line is `decisions and exact scores vs rouge_score: N.Nx`.
 2. Ours alone on synthetic sets of each `--sizes`. Only ~4,800 real instructions exist here,
    so a million must be made from them; recombining them as they are would repeat each
    half-sentence ~200 times, which no real corpus does and which makes inverted-index
@@ -90,20 +90,29 @@ def real_instructions() -> tuple[list[str], str]:
     return out, "recombined seeds"
 
 
-def reference_filter(seeds: list[str], candidates: list[str]) -> tuple[list[bool], list[float]]:
-    """The anchors' rule: per candidate, kept or not, and each candidate's highest score."""
+def reference_filter(seeds: list[str], candidates: list[str], pauses: int = 0,
+                     pause=lambda: None) -> tuple[list[bool], list[float], float]:
+    """The anchors' rule: per candidate, kept or not, and each candidate's highest score; and
+    its seconds. `pause()` runs, off the clock, at `pauses` points spread evenly over the run."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     pool = list(seeds)
     kept, scores = [], []
-    for text in candidates:
-        best = max((scorer.score(other, text)["rougeL"].fmeasure for other in pool), default=0.0)
-        kept.append(best <= THRESHOLD)
-        scores.append(best)
-        if kept[-1]:
-            pool.append(text)
-    return kept, scores
+    seconds = 0.0
+    step = -(-len(candidates) // max(pauses, 1))
+    for start in range(0, len(candidates), step):
+        started = time.perf_counter()
+        for text in candidates[start:start + step]:
+            best = max((scorer.score(other, text)["rougeL"].fmeasure for other in pool), default=0.0)
+            kept.append(best <= THRESHOLD)
+            scores.append(best)
+            if kept[-1]:
+                pool.append(text)
+        seconds += time.perf_counter() - started
+        if pauses:
+            pause()
+    return kept, scores, seconds
 
 
 def seed_tasks(texts: list[str]) -> list[SeedTask]:
@@ -184,41 +193,39 @@ def run_ours(seeds: list[SeedTask], texts: list[str], exact_scores_limit: int = 
     return time.perf_counter() - started, kept, rejected, report
 
 
-def time_ours(seeds: list[SeedTask], candidates: list[str], repeats: int) -> list[tuple[float, float, list, dict, dict]]:
-    """`repeats` runs of ours each way, in turn: (all exact s, decisions s, kept, report of the
-    exact run, report of the decisions run) each.
+def time_ours(seeds: list[SeedTask], candidates: list[str]) -> tuple[float, float, list, dict, dict]:
+    """One run of ours each way: (all exact s, decisions s, kept, report of the exact run,
+    report of the decisions run).
 
     Decisions alone are a run with `--exact-scores-limit 0` (the index's pruned decisions, with
     exact scores above the threshold); all exact is a run whose limit covers the pool (one pass
     that bounds every pair, `RougeIndex.add_unless_similar_exact`).
     """
-    runs = []
-    for _ in range(repeats):
-        decisions_s, _, _, decisions_report = run_ours(seeds, candidates, exact_scores_limit=0)
-        ours_s, kept, _, report = run_ours(seeds, candidates, exact_scores_limit=len(seeds) + len(candidates))
-        runs.append((ours_s, decisions_s, kept, report, decisions_report))
-    return runs
+    decisions_s, _, _, decisions_report = run_ours(seeds, candidates, exact_scores_limit=0)
+    ours_s, kept, _, report = run_ours(seeds, candidates, exact_scores_limit=len(seeds) + len(candidates))
+    return ours_s, decisions_s, kept, report, decisions_report
 
 
 def compare_with_reference(real: list[str], seeds: list[SeedTask], size: int, repeats: int) -> float:
     """Reference vs ours on `size` real instructions; returns the ratio with exact scores.
 
-    Both sides run in this process one after the other, ours `repeats` times just before the
-    reference and `repeats` times just after it, and its median counts: on a machine shared
-    with other work, both sides then see about the same load.
+    Both sides run in this process, ours `repeats` times at points spread evenly over the
+    reference's run (off its clock), and ours' median counts: on a machine whose load or
+    clock changes within the minute the reference takes (a shared VM's does), both sides then
+    see the same spells, where runs of ours only before and after it sampled two moments.
     """
     import rapidfuzz  # noqa: F401  (both sides import their libraries before the clock starts)
     import rouge_score.rouge_scorer  # noqa: F401
 
     seed_texts = [s.instruction for s in seeds]
     candidates = real[SEED_COUNT:SEED_COUNT + size]
-    runs = time_ours(seeds, candidates, repeats)
-    started = time.perf_counter()
-    expected, expected_scores = reference_filter(seed_texts, candidates)
-    reference_s = time.perf_counter() - started
-    runs += time_ours(seeds, candidates, repeats)
+    time_ours(seeds, candidates)  # warm: first-call imports and allocations
+    runs = []
+    expected, expected_scores, reference_s = reference_filter(
+        seed_texts, candidates, repeats, lambda: runs.append(time_ours(seeds, candidates)))
     ours_s = float(np.median([run[0] for run in runs]))
     decisions_s = float(np.median([run[1] for run in runs]))
+    spread = f"{min(run[0] for run in runs):.4f}-{max(run[0] for run in runs):.4f} s"
     _, _, kept, report, decisions_report = runs[-1]
     assert report["max_rouge_l_exact"] == "all"
     kept_ids = {r["id"] for r in kept}
@@ -239,7 +246,7 @@ def compare_with_reference(real: list[str], seeds: list[SeedTask], size: int, re
     print(f"ours, decisions (+ exact scores of rejects): {decisions_s:.4f} s (median of {len(runs)}) -> "
           f"{reference_s / decisions_s:,.0f}x; identical decisions; pairs {decision_pairs['possible']:,} possible, "
           f"{decision_pairs['compared']:,} scored")
-    print(f"ours, + exact highest score of every kept one: {ours_s:.4f} s (median of {len(runs)}) -> "
+    print(f"ours, + exact highest score of every kept one: {ours_s:.4f} s (median of {len(runs)}, {spread}) -> "
           f"{reference_s / ours_s:,.0f}x; pairs {pairs['bounded']:,} bounded, {pairs['compared']:,} scored exactly; "
           f"exact scores identical to rouge_score's under its tokenizer; under multilingual, "
           f"{differ} of {len(kept):,} differ (non-ASCII text)", flush=True)
@@ -256,10 +263,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[50_000, 1_000_000], help="synthetic set sizes for ours alone")
     parser.add_argument("--replaced-share", type=float, default=REPLACED_SHARE,
                         help="share of content words replaced by Zipf-vocabulary words in synthetic records")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="runs of ours before and after the reference (their median is compared)")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="runs of ours, spread over the reference's run (their median is compared)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
 
     real, source = real_instructions()
     seeds = seed_tasks(real[:SEED_COUNT])
