@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.batching import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, length_groups, token_budget
+from pipeline.batching import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, length_groups, pack_rows, token_budget
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -40,3 +40,10 @@ def test_token_budget_is_small_on_a_cpu_and_wide_elsewhere():
 
     assert token_budget(torch.device("cpu")) == token_budget("cpu") == CPU_TOKEN_BUDGET
     assert token_budget("cuda") == token_budget(torch.device("cuda", 0)) == ACCELERATOR_TOKEN_BUDGET > CPU_TOKEN_BUDGET
+
+
+def test_pack_rows_fills_rows_without_splitting_records():
+    rows = pack_rows([5, 4, 3, 3, 2, 7], max_length=8)
+    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4, 5]
+    assert all(sum([5, 4, 3, 3, 2, 7][i] for i in row) <= 8 for row in rows)
+    assert len(rows) == 4  # 24 tokens need at least 3 rows of 8; 7 fits with nothing but 1 token

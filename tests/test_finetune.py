@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batching import collate, pack_rows, packing_honoured, plan_batches
+from pipeline.batching import collate, packing_honoured, plan_batches
 from pipeline.errors import InputError, UserError
 from pipeline.finetune import Config, make_loss_module, run
 from pipeline.templates import encode_example
@@ -161,13 +161,6 @@ def test_the_optimizer_is_fused_adamw_with_the_plain_update(tiny_model_dir):
 
 def test_position_ids_are_honoured_on_cpu(tiny):
     assert packing_honoured(tiny[0], "cpu")
-
-
-def test_pack_rows_fills_rows_without_splitting_records():
-    rows = pack_rows([5, 4, 3, 3, 2, 7], max_length=8)
-    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4, 5]
-    assert all(sum([5, 4, 3, 3, 2, 7][i] for i in row) <= 8 for row in rows)
-    assert len(rows) == 4  # 24 tokens need at least 3 rows of 8; 7 fits with nothing but 1 token
 
 
 def test_length_grouped_batches_cover_every_record_once(tiny):
