@@ -209,9 +209,7 @@ def _apply_rouge_l(index: RougeIndex, seeds: list[SeedTask], survivors: list[dic
     results = decide([(r["id"], r["instruction"]) for r in survivors], on_block=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
-    text_of = index.text_of
-    scored = [dict(record, filter_max_rouge_l=score,
-                   filter_most_similar=None if best_id is None else {"id": best_id, "instruction": text_of(best_id)})
+    scored = [dict(record, filter_max_rouge_l=score, filter_most_similar=_nearest(best_id, index))
               for record, (_, score, best_id) in zip(survivors, results)]
     kept = [record for record, (keep, _, _) in zip(scored, results) if keep]
     near = [dict(record, reason=NEAR_DUPLICATE) for record, (keep, _, _) in zip(scored, results) if not keep]
