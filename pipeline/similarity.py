@@ -1043,8 +1043,9 @@ class RougeIndex:
             for rows, bounded in waiting:
                 settle(rows, bounded)
         added = in_pool[start:].tolist()
-        self.pairs_possible += sum(range(start, total))  # each item against all before it
-        self.pairs_bounded += sum(range(start, total))
+        pairs = sum(range(start, total))  # each item against all before it, every pair bounded
+        self.pairs_possible += pairs
+        self.pairs_bounded += pairs
         kept = [k for k, keep in enumerate(added) if keep]
         self._pending.extend(self._append([items[k] for k in kept], [seqs[start + k] for k in kept]))
         return [(keep, score, ids[j] if j >= 0 else None) for keep, (score, j) in zip(added, best)]
@@ -1069,8 +1070,6 @@ class RougeIndex:
 
         def best_of(rows: list[int]) -> list[tuple[float, str | None]]:
             row_array = np.asarray(rows)
-            if rows[-1] == 0:
-                return [(0.0, None)] * len(rows)
             best, _ = _sift_best(_bounds(small, half_lengths, row_array), row_array, seq_array, lengths)
             return [(score, self._ids[j] if j >= 0 else None) for score, j in best]
 
