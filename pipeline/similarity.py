@@ -1043,9 +1043,8 @@ class RougeIndex:
             for rows, bounded in waiting:
                 settle(rows, bounded)
         added = in_pool[start:].tolist()
-        pairs = sum(range(start, total))  # each item against all before it, every pair bounded
-        self.pairs_possible += pairs
-        self.pairs_bounded += pairs
+        self.pairs_possible += sum(range(start, total))  # each item against all before it
+        self.pairs_bounded += sum(range(start, total))
         kept = [k for k, keep in enumerate(added) if keep]
         self._pending.extend(self._append([items[k] for k in kept], [seqs[start + k] for k in kept]))
         return [(keep, score, ids[j] if j >= 0 else None) for keep, (score, j) in zip(added, best)]
